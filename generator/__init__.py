@@ -1,0 +1,2 @@
+"""mhc_gen's generator: specs, build profiles, rendering and the build graph.
+Pure Python: no torch, no GPU."""

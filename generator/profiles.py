@@ -1,0 +1,41 @@
+"""Build profiles: which variants a build compiles, per arch."""
+
+from __future__ import annotations
+
+from .spec import Arch, DType, KernelSpec, Op, is_supported
+
+# The paper's hot sizes (n = 4): specialised with a compile-time hidden.
+HOT_N = 4
+HOT_HIDDEN = (1280, 1920, 2560, 4096, 7168)
+HOT_DTYPES = (DType.BF16, DType.FP32)
+# Compile-time n with run-time hidden; n = None serves every other n ≤ 32.
+GENERIC_N = (2, 4, 8, 16, 32, None)
+PROFILES = ("minimal", "default")
+
+
+def default_tile(op: Op) -> int:
+    return 1 if op is Op.COEFFS_STATIC else 4
+
+
+def _spec(op: Op, n, hidden, dtype: DType, arch: Arch) -> KernelSpec:
+    return KernelSpec(op, n, hidden, dtype, arch, default_tile(op))
+
+
+def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
+    """Every variant of ``profile`` for ``arch``, sorted by name."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    specs: set[KernelSpec] = set()
+    generic_n = (None,) if profile == "minimal" else GENERIC_N
+    for op in Op:
+        dtypes = (DType.FP32,) if op is Op.COEFFS_STATIC else tuple(DType)
+        for dtype in dtypes:
+            for n in generic_n:
+                specs.add(_spec(op, n, None, dtype, arch))
+        if profile == "default" and op is not Op.COEFFS_STATIC:
+            for dtype in HOT_DTYPES:
+                for hidden in HOT_HIDDEN:
+                    specs.add(_spec(op, HOT_N, hidden, dtype, arch))
+    bad = [s.name for s in specs if not is_supported(s)]
+    assert not bad, f"profile {profile} lists unsupported variants: {bad}"
+    return sorted(specs, key=lambda s: s.name)

@@ -1,0 +1,138 @@
+"""The one description of a kernel variant, its name, and the one validity rule.
+
+A variant's ``name`` is its identity everywhere: C++ symbol, file name,
+manifest key, selection result and test id. ``parse(name)`` gives the spec back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+
+MAX_N = 32  # one warp lane per Sinkhorn row / column
+TILES = (1, 2, 4, 8)  # tokens per block
+
+
+class Op(enum.Enum):
+    """What a variant computes; the suffix says whether H is per token or per layer."""
+
+    COEFFS_DYN = "coeffs_dyn"
+    COEFFS_STATIC = "coeffs_static"
+    PRE_DYN = "pre_dyn"
+    PRE_STATIC = "pre_static"
+    POST_DYN = "post_dyn"
+    POST_STATIC = "post_static"
+    LAYER_DYN = "layer_dyn"
+    LAYER_STATIC = "layer_static"
+
+    @property
+    def kind(self) -> str:
+        """The C++ ``mhc::Op`` enumerator."""
+        return self.value.split("_")[0].capitalize()
+
+    @property
+    def dynamic(self) -> bool:
+        return self.value.endswith("_dyn")
+
+
+class DType(enum.Enum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+    @property
+    def ctype(self) -> str:
+        return {"bf16": "mhc::bf16", "fp16": "mhc::fp16", "fp32": "float"}[self.value]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchTraits:
+    backend: str  # "cuda" or "hip"
+    warp_size: int
+    full_build: bool  # False: only device assembly can be produced on this toolchain
+
+
+class Arch(enum.Enum):
+    SM80 = "sm_80"
+    SM90 = "sm_90"
+    SM100 = "sm_100"
+    GFX90A = "gfx90a"
+    GFX942 = "gfx942"
+
+    @property
+    def token(self) -> str:
+        """The arch as it appears in a variant name: sm90, gfx942."""
+        return self.value.replace("_", "")
+
+    @property
+    def traits(self) -> ArchTraits:
+        if self.value.startswith("sm_"):
+            return ArchTraits("cuda", 32, True)
+        # Debian's ROCm 5.2 device libraries have no gfx942 bitcode.
+        return ArchTraits("hip", 64, self is Arch.GFX90A)
+
+    @property
+    def backend(self) -> str:
+        return self.traits.backend
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One variant. ``n`` or ``hidden`` of None means chosen at run time."""
+
+    op: Op
+    n: int | None
+    hidden: int | None
+    dtype: DType
+    arch: Arch
+    tile: int = 4
+
+    @property
+    def name(self) -> str:
+        n = "any" if self.n is None else str(self.n)
+        h = "any" if self.hidden is None else str(self.hidden)
+        return f"{self.op.value}_n{n}_h{h}_{self.dtype.value}_tm{self.tile}_{self.arch.token}"
+
+    @property
+    def symbol(self) -> str:
+        return f"mhc_{self.name}"
+
+
+_NAME = re.compile(
+    r"^(?P<op>[a-z]+_(?:dyn|static))_n(?P<n>\d+|any)_h(?P<hidden>\d+|any)"
+    r"_(?P<dtype>bf16|fp16|fp32)_tm(?P<tile>\d+)_(?P<arch>sm\d+|gfx\w+)$"
+)
+_ARCH_BY_TOKEN = {a.token: a for a in Arch}
+
+
+def parse(name: str) -> KernelSpec:
+    """The spec whose ``name`` is ``name``; ValueError for anything else."""
+    m = _NAME.match(name)
+    if not m or m["arch"] not in _ARCH_BY_TOKEN:
+        raise ValueError(f"not a kernel variant name: {name!r}")
+    spec = KernelSpec(
+        op=Op(m["op"]),
+        n=None if m["n"] == "any" else int(m["n"]),
+        hidden=None if m["hidden"] == "any" else int(m["hidden"]),
+        dtype=DType(m["dtype"]),
+        arch=_ARCH_BY_TOKEN[m["arch"]],
+        tile=int(m["tile"]),
+    )
+    if spec.name != name:  # e.g. leading zeros
+        raise ValueError(f"not a canonical kernel variant name: {name!r}")
+    return spec
+
+
+def is_supported(spec: KernelSpec) -> bool:
+    """The single statement of which variants exist."""
+    if spec.n is not None and not 1 <= spec.n <= MAX_N:
+        return False
+    if spec.hidden is not None and spec.hidden < 1:
+        return False
+    if spec.tile not in TILES:
+        return False
+    if spec.op is Op.COEFFS_STATIC:
+        # Static H depends on n alone: no x, so no dtype or hidden axis.
+        return spec.hidden is None and spec.dtype is DType.FP32 and spec.tile == 1
+    return True

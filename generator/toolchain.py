@@ -1,0 +1,99 @@
+"""Compilers and flags per arch; a missing tool is named with how to install it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import sysconfig
+
+from .render import INCLUDE
+from .spec import Arch
+
+
+class ToolchainError(RuntimeError):
+    pass
+
+
+_INSTALL_HINT = {
+    "nvcc": "install the CUDA toolkit (12.x or 13.x) and put nvcc on PATH, or set CUDA_HOME",
+    "clang++-19": "apt-get install clang-19 lld-19 hipcc rocm-device-libs",
+    "ninja": "pip install ninja (or apt-get install ninja-build)",
+    "c++": "apt-get install g++",
+}
+
+ROCM_BITCODE = "/usr/lib/x86_64-linux-gnu/amdgcn/bitcode"
+
+
+def find(tool: str) -> str:
+    env = {"nvcc": "MHC_GEN_NVCC", "clang++-19": "MHC_GEN_HIP_CLANG", "c++": "CXX"}.get(tool)
+    if env and os.environ.get(env):
+        return os.environ[env]
+    if tool == "nvcc" and os.environ.get("CUDA_HOME"):
+        cand = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+        if os.path.exists(cand):
+            return cand
+    path = shutil.which(tool)
+    if not path:
+        raise ToolchainError(f"{tool} not found: {_INSTALL_HINT.get(tool, 'install it')}")
+    return path
+
+
+def ninja() -> str:
+    try:
+        import ninja as ninja_pkg  # the PyPI wheel ships the binary
+
+        return os.path.join(ninja_pkg.BIN_DIR, "ninja")
+    except ImportError:
+        return find("ninja")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compile:
+    """How one arch's variant sources become object (or assembly) files."""
+
+    compiler: str
+    flags: tuple[str, ...]
+    output_ext: str  # ".o", or ".s" where only device assembly can be made
+
+
+def compile_rule(arch: Arch) -> Compile:
+    common = ("-O3", "-std=c++17", f"-I{INCLUDE}")
+    if arch.backend == "cuda":
+        num = arch.value.split("_")[1]
+        # SASS for the arch plus its PTX, so newer GPUs (and a forced older
+        # variant on a newer GPU) can still run it.
+        gencode = f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]"
+        return Compile(find("nvcc"), (*common, gencode, "-Xcompiler", "-fPIC"), ".o")
+    hip = ("-x", "hip", f"--offload-arch={arch.value}", *common)
+    if arch.traits.full_build:
+        return Compile(
+            find("clang++-19"), (*hip, f"--rocm-device-lib-path={ROCM_BITCODE}", "-fPIC"), ".o"
+        )
+    return Compile(find("clang++-19"), (*hip, "-nogpulib", "--cuda-device-only", "-S"), ".s")
+
+
+def python_includes() -> tuple[str, ...]:
+    import pybind11
+
+    return (f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}")
+
+
+def extension_suffix() -> str:
+    return sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+
+
+def host_cxx() -> str:
+    return find("c++")
+
+
+def link_command(backend: str) -> tuple[str, ...]:
+    if backend == "cuda":
+        return (find("nvcc"), "-shared", "-Xcompiler", "-fPIC")
+    lib = "/usr/lib/x86_64-linux-gnu"
+    return (find("clang++-19"), "-shared", "-fPIC", "--hip-link", f"-L{lib}", "-lamdhip64")
+
+
+def python() -> str:
+    return sys.executable

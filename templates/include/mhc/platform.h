@@ -1,0 +1,163 @@
+// The one place where CUDA, HIP and a plain host compiler differ.
+// Everything else in templates/include is written once against these names.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__HIPCC__)
+#define MHC_HIP 1
+#include <hip/hip_runtime.h>
+#elif defined(__CUDACC__)
+#define MHC_CUDA 1
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#else
+#define MHC_HOST_ONLY 1
+#include <math.h>
+#endif
+
+#if defined(MHC_HOST_ONLY)
+#define MHC_HD inline
+#define MHC_CX constexpr
+#else
+#define MHC_CX __host__ __device__ constexpr
+#define MHC_HD __host__ __device__ __forceinline__
+#define MHC_DEV __device__ __forceinline__
+#endif
+
+namespace mhc {
+
+// Largest n that any kernel supports: one warp lane per Sinkhorn row/column.
+constexpr int kMaxN = 32;
+
+#if defined(MHC_HIP)
+constexpr int kWarp = 64;  // wavefront
+using stream_t = hipStream_t;
+using error_t = hipError_t;
+constexpr error_t kSuccess = hipSuccess;
+inline error_t last_error() { return hipGetLastError(); }
+MHC_DEV float shfl_xor(float v, int o) { return __shfl_xor(v, o); }
+// A wavefront runs in lock step; the fences order its shared-memory traffic.
+MHC_DEV void sync_warp() {
+  __builtin_amdgcn_fence(__ATOMIC_RELEASE, "wavefront");
+  __builtin_amdgcn_wave_barrier();
+  __builtin_amdgcn_fence(__ATOMIC_ACQUIRE, "wavefront");
+}
+#elif defined(MHC_CUDA)
+constexpr int kWarp = 32;
+using stream_t = cudaStream_t;
+using error_t = cudaError_t;
+constexpr error_t kSuccess = cudaSuccess;
+inline error_t last_error() { return cudaGetLastError(); }
+MHC_DEV float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+MHC_DEV void sync_warp() { __syncwarp(); }
+#endif
+
+// expf everywhere: on AMD the builtin lowers to the hardware exp, so the
+// kernels need no device math library (ROCm 5.2 ships none for gfx942).
+#if defined(MHC_HIP)
+MHC_HD float fast_exp(float v) { return __builtin_expf(v); }
+#else
+MHC_HD float fast_exp(float v) { return expf(v); }
+#endif
+
+// Element types. bf16 and fp16 are stored as raw 16-bit words so that the
+// same code compiles on CUDA, HIP and the host; conversion is explicit.
+struct bf16 {
+  uint16_t bits;
+};
+struct fp16 {
+  uint16_t bits;
+};
+
+MHC_HD float to_float(float v) { return v; }
+MHC_HD float to_float(bf16 v) {
+  union {
+    uint32_t u;
+    float f;
+  } c;
+  c.u = uint32_t(v.bits) << 16;
+  return c.f;
+}
+
+template <typename T>
+MHC_HD T from_float(float v);
+template <>
+MHC_HD float from_float<float>(float v) {
+  return v;
+}
+template <>
+MHC_HD bf16 from_float<bf16>(float v) {
+  union {
+    uint32_t u;
+    float f;
+  } c;
+  c.f = v;
+  bf16 r;
+  if ((c.u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+    r.bits = uint16_t((c.u >> 16) | 0x40u);
+  } else {  // round to nearest even
+    r.bits = uint16_t((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+  }
+  return r;
+}
+
+#if !defined(MHC_HOST_ONLY)
+#if defined(MHC_HIP)
+MHC_HD float to_float(fp16 v) {
+  _Float16 h;
+  __builtin_memcpy(&h, &v.bits, 2);
+  return float(h);
+}
+template <>
+MHC_HD fp16 from_float<fp16>(float v) {
+  _Float16 h = _Float16(v);
+  fp16 r;
+  __builtin_memcpy(&r.bits, &h, 2);
+  return r;
+}
+#else
+MHC_HD float to_float(fp16 v) { return __half2float(__ushort_as_half(v.bits)); }
+template <>
+MHC_HD fp16 from_float<fp16>(float v) {
+  fp16 r;
+  r.bits = __half_as_ushort(__float2half_rn(v));
+  return r;
+}
+#endif
+
+// VEC consecutive elements moved as one aligned access (16 bytes at most).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+MHC_DEV void load_pack(const T* p, float (&out)[VEC]) {
+  Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_float(pk.v[i]);
+}
+
+template <typename T, int VEC>
+MHC_DEV void store_pack(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) pk.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+MHC_DEV float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) v += shfl_xor(v, o);
+  return v;
+}
+
+MHC_DEV float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, shfl_xor(v, o));
+  return v;
+}
+#endif  // !MHC_HOST_ONLY
+
+}  // namespace mhc

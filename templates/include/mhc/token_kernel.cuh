@@ -1,0 +1,384 @@
+// The forward kernel family. One template serves every op and H mode:
+//
+//   phase 1  (dynamic coeffs/pre/layer)  z = x̄·φ and Σx̄² for TM tokens
+//   phase 2  (all but dynamic post)      H_pre, H_post, H_res from the logits
+//   phase 3  (pre, post, layer)          the per-element stream mixing
+//
+// A block owns TM consecutive tokens (they share the φ reads of phase 1) and,
+// for ops without a reduction over C, one chunk of C (grid.y). Every reduction
+// runs in a fixed order, so results are bitwise reproducible.
+#pragma once
+
+#include "args.h"
+#include "platform.h"
+#include "token_math.h"
+
+namespace mhc {
+
+enum class Op { Coeffs, Pre, Post, Layer };
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarp;
+
+// Compile-time bound on n: the variant's n, or kMaxN for the run-time-n variant.
+template <int N>
+MHC_CX int n_bound() {
+  return N ? N : kMaxN;
+}
+MHC_CX int num_logits(int n) { return n * n + 2 * n; }
+
+// Elements per thread access in phase 3: 16 bytes, fewer where the n
+// stream values of a vector would not fit in registers.
+template <typename T, int NB>
+MHC_CX int vec_width() {
+  constexpr int bytes_vec = 16 / int(sizeof(T));
+  constexpr int reg_vec = NB <= 4 ? 8 : 32 / NB;
+  return bytes_vec < reg_vec ? bytes_vec : reg_vec;
+}
+
+// Projection columns accumulated per pass over x̄ (registers: TM × kGroup).
+template <int NB>
+MHC_CX int logit_group() {
+  return num_logits(NB) < 24 ? num_logits(NB) : 24;
+}
+
+template <int NB, int TM, int SLOTS>
+struct Shared {
+  float h_pre[SLOTS][NB];
+  float h_post[SLOTS][NB];
+  float h_res[SLOTS][NB][NB + 1];  // +1: a lane per row reads without bank conflicts
+  float z[TM][num_logits(NB)];
+  float sum_sq[TM];
+  float partial[kWarps][TM][logit_group<NB>()];
+};
+
+// Sums v[TM][G] over the whole block; thread 0..TM·G-1 gets entry (idx/G, idx%G).
+template <int TM, int G, int NB, int SLOTS>
+MHC_DEV void block_sum(float (&v)[TM][G], Shared<NB, TM, SLOTS>& s, float (*dst)[num_logits(NB)],
+                       int col0, int cols) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int t = 0; t < TM; ++t)
+#pragma unroll
+    for (int q = 0; q < G; ++q) {
+      const float w = warp_sum(v[t][q]);
+      if (lane == 0) s.partial[warp][t][q] = w;
+    }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < TM * G; idx += kThreads) {
+    const int t = idx / G, q = idx % G;
+    float acc = 0.0f;
+    for (int w = 0; w < kWarps; ++w) acc += s.partial[w][t][q];
+    if (q < cols) dst[t][col0 + q] = acc;
+  }
+  __syncthreads();
+}
+
+// Phase 1: z[t] = x̄_t·φ and sum_sq[t] = Σ x̄_t² for the block's nt tokens.
+template <typename T, int NB, int TM, int SLOTS>
+MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt, Shared<NB, TM, SLOTS>& s) {
+  constexpr int G = logit_group<NB>();
+  const int m = num_logits(n);
+  const int64_t K = int64_t(n) * C;
+  const T* x = static_cast<const T*>(a.x) + t0 * K;
+  float sq[TM];
+#pragma unroll
+  for (int t = 0; t < TM; ++t) sq[t] = 0.0f;
+
+  for (int col0 = 0; col0 < m; col0 += G) {
+    float acc[TM][G];
+#pragma unroll
+    for (int t = 0; t < TM; ++t)
+#pragma unroll
+      for (int q = 0; q < G; ++q) acc[t][q] = 0.0f;
+    const int cols = m - col0 < G ? m - col0 : G;
+    for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+      float xv[TM];
+#pragma unroll
+      for (int t = 0; t < TM; ++t) xv[t] = t < nt ? to_float(x[t * K + k]) : 0.0f;
+      if (col0 == 0) {
+#pragma unroll
+        for (int t = 0; t < TM; ++t) sq[t] += xv[t] * xv[t];
+      }
+      const float* phi_row = a.phi + k * m + col0;
+#pragma unroll
+      for (int q = 0; q < G; ++q) {
+        if (q < cols) {
+          const float p = phi_row[q];
+#pragma unroll
+          for (int t = 0; t < TM; ++t) acc[t][q] += xv[t] * p;
+        }
+      }
+    }
+    block_sum<TM, G>(acc, s, s.z, col0, cols);
+  }
+  // Σx̄² goes through the same fixed-order reduction.
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int t = 0; t < TM; ++t) {
+    const float w = warp_sum(sq[t]);
+    if (lane == 0) s.partial[warp][t][0] = w;
+  }
+  __syncthreads();
+  if (threadIdx.x < TM) {
+    float acc = 0.0f;
+    for (int w = 0; w < kWarps; ++w) acc += s.partial[w][threadIdx.x][0];
+    s.sum_sq[threadIdx.x] = acc;
+  }
+  __syncthreads();
+}
+
+// Phase 2, run by one warp: H_pre, H_post and H_res of one slot from the
+// logits z (null for static H, where the logits are the bias alone).
+template <int NB, int TM, int SLOTS>
+MHC_DEV void coefficients(const Args& a, int n, int slot, const float* z, float r,
+                          Shared<NB, TM, SLOTS>& s) {
+  const int lane = threadIdx.x % kWarp;
+  constexpr int ld = NB + 1;
+  float* M = &s.h_res[slot][0][0];
+  const float a_pre = z ? a.alpha[0] : 0.0f;
+  const float a_post = z ? a.alpha[1] : 0.0f;
+  const float a_res = z ? a.alpha[2] : 0.0f;
+  const float* b = a.bias;
+  float row_max = -__builtin_inff();
+  if (lane < n) {
+    s.h_pre[slot][lane] = pre_gate(mix_logit(z ? z[lane] : 0.0f, r, a_pre, b[lane]));
+    s.h_post[slot][lane] =
+        post_gate(mix_logit(z ? z[n + lane] : 0.0f, r, a_post, b[n + lane]), a.post_mult);
+    for (int j = 0; j < n; ++j) {
+      const int k = 2 * n + lane * n + j;
+      const float l = mix_logit(z ? z[k] : 0.0f, r, a_res, b[k]);
+      M[lane * ld + j] = l;
+      row_max = fmaxf(row_max, l);
+    }
+  }
+  const float max_logit = warp_max(row_max);
+  if (lane < n) sinkhorn_exp_row(M, ld, n, lane, max_logit);
+  sync_warp();
+  for (int it = 0; it < a.sinkhorn_iters; ++it) {
+    if (lane < n) sinkhorn_col_step(M, ld, n, lane, a.eps_sk);
+    sync_warp();
+    if (lane < n) sinkhorn_row_step(M, ld, n, lane, a.eps_sk);
+    sync_warp();
+  }
+}
+
+// Writes slot's H to global memory at token t (static H: t = 0).
+template <int NB, int TM, int SLOTS>
+MHC_DEV void store_coefficients(const Args& a, int n, int slot, int64_t t,
+                                const Shared<NB, TM, SLOTS>& s) {
+  const int lane = threadIdx.x % kWarp;
+  if (lane >= n) return;
+  if (a.h_pre) a.h_pre[t * n + lane] = s.h_pre[slot][lane];
+  if (a.h_post) a.h_post[t * n + lane] = s.h_post[slot][lane];
+  if (a.h_res)
+    for (int j = 0; j < n; ++j) a.h_res[(t * n + lane) * n + j] = s.h_res[slot][lane][j];
+}
+
+// Phase 3 for one token and one vector of VEC columns starting at c.
+template <typename T, int NB, int VEC>
+MHC_DEV void pre_vector(const T* xt, T* ut, int64_t C, int n, const float* h_pre, int64_t c) {
+  float acc[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) acc[v] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NB; ++j) {
+    if (j < n) {
+      float xv[VEC];
+      load_pack<T, VEC>(xt + j * C + c, xv);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[v] += h_pre[j] * xv[v];
+    }
+  }
+  store_pack<T, VEC>(ut + c, acc);
+}
+
+// x_next[i] = Σ_j H_res[i][j]·x[j] + H_post[i]·y for one vector of columns.
+template <typename T, int NB, int VEC>
+MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, int n,
+                         const float* h_post, const float (*h_res)[NB + 1], int64_t c) {
+  float xs[NB][VEC];
+#pragma unroll
+  for (int j = 0; j < NB; ++j)
+    if (j < n) load_pack<T, VEC>(xt + j * C + c, xs[j]);
+  // Rows are not unrolled past n = 8: the code would grow n²-fold.
+  constexpr int kRowUnroll = NB <= 8 ? NB : 1;
+#pragma unroll kRowUnroll
+  for (int i = 0; i < NB; ++i) {
+    if (i < n) {
+      float o[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) o[v] = h_post[i] * y[v];
+#pragma unroll
+      for (int j = 0; j < NB; ++j)
+        if (j < n) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) o[v] += h_res[i][j] * xs[j][v];
+        }
+      store_pack<T, VEC>(ot + i * C + c, o);
+    }
+  }
+}
+
+template <typename T, int N, int HIDDEN, int TM, Op OP, bool DYN, int VEC>
+__global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
+  constexpr int NB = n_bound<N>();
+  constexpr int SLOTS = DYN ? TM : 1;
+  __shared__ Shared<NB, TM, SLOTS> s;
+  const int n = N ? N : a.n;
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t t0 = int64_t(blockIdx.x) * TM;
+  const int64_t remaining = a.tokens - t0;
+  const int nt = OP == Op::Coeffs && !DYN ? 1 : (remaining < TM ? int(remaining) : TM);
+  const int warp = threadIdx.x / kWarp;
+
+  // Phases 1 and 2: the coefficients of the block's tokens (or the one static H).
+  if constexpr (DYN && OP != Op::Post) {
+    project<T, NB, TM, SLOTS>(a, n, C, t0, nt, s);
+    for (int t = warp; t < nt; t += kWarps) {
+      const float r = token_rms(s.sum_sq[t], int64_t(n) * C, a.eps_rms);
+      coefficients<NB, TM, SLOTS>(a, n, t, s.z[t], r, s);
+      if (blockIdx.y == 0) store_coefficients<NB, TM, SLOTS>(a, n, t, t0 + t, s);
+    }
+  } else if constexpr (DYN) {  // post with per-token H from the caller
+    for (int idx = threadIdx.x; idx < nt * n; idx += kThreads) {
+      const int t = idx / n, i = idx % n;
+      const int64_t row = (t0 + t) * n + i;
+      s.h_post[t][i] = a.h_post_in[row];
+      for (int j = 0; j < n; ++j) s.h_res[t][i][j] = a.h_res_in[row * n + j];
+    }
+  } else {
+    if (warp == 0) {
+      coefficients<NB, TM, SLOTS>(a, n, 0, nullptr, 1.0f, s);
+      if (blockIdx.x == 0 && blockIdx.y == 0) store_coefficients<NB, TM, SLOTS>(a, n, 0, 0, s);
+    }
+  }
+  __syncthreads();
+  if constexpr (OP == Op::Coeffs) return;
+
+  // Phase 3: this block's columns [c_lo, c_hi) of each of its tokens.
+  const int64_t chunk = ((C + gridDim.y - 1) / gridDim.y + VEC - 1) / VEC * VEC;
+  const int64_t c_lo = int64_t(blockIdx.y) * chunk;
+  const int64_t c_hi = c_lo + chunk < C ? c_lo + chunk : C;
+  const T* x = static_cast<const T*>(a.x);
+  T* out = static_cast<T*>(a.out);
+  const int64_t token_elems = int64_t(n) * C;
+
+  if constexpr (OP == Op::Pre || OP == Op::Post) {
+#pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      if (t >= nt) break;
+      const int hs = DYN ? t : 0;
+      const T* xt = x + (t0 + t) * token_elems;
+      for (int64_t c = c_lo + int64_t(threadIdx.x) * VEC; c < c_hi; c += int64_t(kThreads) * VEC) {
+        if constexpr (OP == Op::Pre) {
+          pre_vector<T, NB, VEC>(xt, out + (t0 + t) * C, C, n, s.h_pre[hs], c);
+        } else {
+          float yv[VEC];
+          load_pack<T, VEC>(static_cast<const T*>(a.y) + (t0 + t) * C + c, yv);
+          post_vector<T, NB, VEC>(xt, yv, out + (t0 + t) * token_elems, C, n, s.h_post[hs],
+                                  s.h_res[hs], c);
+        }
+      }
+    }
+  } else if constexpr (OP == Op::Layer) {
+    // F = RMSNorm(u)·w: pass A reduces Σu² per token, pass B recomputes u
+    // from x (cheaper than staging C floats) and writes x_next.
+    float sq[TM];
+#pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      sq[t] = 0.0f;
+      if (t >= nt) continue;
+      const int hs = DYN ? t : 0;
+      const T* xt = x + (t0 + t) * token_elems;
+      for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
+        float u[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) u[v] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NB; ++j)
+          if (j < n) {
+            float xv[VEC];
+            load_pack<T, VEC>(xt + j * C + c, xv);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) u[v] += s.h_pre[hs][j] * xv[v];
+          }
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) sq[t] += u[v] * u[v];
+      }
+    }
+    const int lane = threadIdx.x % kWarp;
+#pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      const float w = warp_sum(sq[t]);
+      if (lane == 0) s.partial[warp][t][0] = w;
+    }
+    __syncthreads();
+    if (threadIdx.x < TM) {
+      float acc = 0.0f;
+      for (int w = 0; w < kWarps; ++w) acc += s.partial[w][threadIdx.x][0];
+      s.sum_sq[threadIdx.x] = 1.0f / token_rms(acc, C, a.eps_rms);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      if (t >= nt) break;
+      const int hs = DYN ? t : 0;
+      const float inv_rms = s.sum_sq[t];
+      const T* xt = x + (t0 + t) * token_elems;
+      for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
+        float y[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) y[v] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NB; ++j)
+          if (j < n) {
+            float xv[VEC];
+            load_pack<T, VEC>(xt + j * C + c, xv);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) y[v] += s.h_pre[hs][j] * xv[v];
+          }
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) y[v] = y[v] * inv_rms * a.norm_weight[c + v];
+        post_vector<T, NB, VEC>(xt, y, out + (t0 + t) * token_elems, C, n, s.h_post[hs],
+                                s.h_res[hs], c);
+      }
+    }
+  }
+}
+
+inline bool aligned_to(const void* p, int bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
+}
+
+// Host launcher shared by every generated variant.
+template <typename T, int N, int HIDDEN, int TM, Op OP, bool DYN>
+int launch(const Args& a) {
+  if (a.n < 1 || a.n > kMaxN || (N && a.n != N)) return kBadN;
+  if (HIDDEN && a.hidden != HIDDEN) return kBadHidden;
+  const bool static_coeffs = OP == Op::Coeffs && !DYN;
+  const int64_t blocks = static_coeffs ? 1 : (a.tokens + TM - 1) / TM;
+  if (blocks == 0) return kOk;
+  const stream_t stream = static_cast<stream_t>(a.stream);
+  if constexpr (OP == Op::Coeffs) {
+    token_kernel<T, N, HIDDEN, TM, OP, DYN, 1><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(a);
+  } else {
+    constexpr int VEC = vec_width<T, n_bound<N>()>();
+    const int vb = VEC * int(sizeof(T));
+    const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.x, vb) && aligned_to(a.y, vb) &&
+                        aligned_to(a.out, vb);
+    // Split C over grid.y where no reduction over C is needed: short token
+    // counts still fill the GPU.
+    const bool split = OP == Op::Post || (OP == Op::Pre && !DYN);
+    const int64_t per_block = int64_t(kThreads) * VEC * 4;
+    const int64_t chunks = split ? (a.hidden + per_block - 1) / per_block : 1;
+    const dim3 grid(unsigned(blocks), unsigned(chunks < 65535 ? chunks : 65535));
+    if (vec_ok)
+      token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC><<<grid, kThreads, 0, stream>>>(a);
+    else
+      token_kernel<T, N, HIDDEN, TM, OP, DYN, 1><<<grid, kThreads, 0, stream>>>(a);
+  }
+  return int(last_error());
+}
+
+}  // namespace mhc

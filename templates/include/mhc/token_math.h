@@ -1,0 +1,49 @@
+// Per-token mHC math on fp32 scalars and small n×n matrices.
+// Every function is __host__ __device__: the kernels call them from one warp
+// per token (lane = row or column), and tests/test_token_math.py compiles this
+// header for the host and checks it against mhc_gen/reference.py.
+#pragma once
+
+#include "platform.h"
+
+namespace mhc {
+
+MHC_HD float sigmoid(float v) { return 1.0f / (1.0f + fast_exp(-v)); }
+
+// r = sqrt(mean(x̄²) + eps): the RMS of one token's n·C values.
+MHC_HD float token_rms(float sum_sq, int64_t count, float eps) {
+  return sqrtf(sum_sq / float(count) + eps);
+}
+
+// h̃ = α·z/r + b (Eq. 16); static H is the same with z = 0.
+MHC_HD float mix_logit(float z, float r, float alpha, float bias) { return alpha * z / r + bias; }
+
+MHC_HD float pre_gate(float logit) { return sigmoid(logit); }
+MHC_HD float post_gate(float logit, float post_mult) { return post_mult * sigmoid(logit); }
+
+// Sinkhorn-Knopp on an n×n matrix M stored row-major with leading dim ld.
+// One step is split by the row or column it owns, so that on the GPU lane k
+// runs step(k) for all k at once and on the host a loop over k does the same.
+
+// M[i][:] = exp(M[i][:] - max_logit): row i of the start matrix.
+MHC_HD void sinkhorn_exp_row(float* M, int ld, int n, int i, float max_logit) {
+  for (int j = 0; j < n; ++j) M[i * ld + j] = fast_exp(M[i * ld + j] - max_logit);
+}
+
+// M[:, j] /= (Σ_i M[i][j] + eps)
+MHC_HD void sinkhorn_col_step(float* M, int ld, int n, int j, float eps) {
+  float s = 0.0f;
+  for (int i = 0; i < n; ++i) s += M[i * ld + j];
+  const float d = s + eps;
+  for (int i = 0; i < n; ++i) M[i * ld + j] /= d;
+}
+
+// M[i, :] /= (Σ_j M[i][j] + eps)
+MHC_HD void sinkhorn_row_step(float* M, int ld, int n, int i, float eps) {
+  float s = 0.0f;
+  for (int j = 0; j < n; ++j) s += M[i * ld + j];
+  const float d = s + eps;
+  for (int j = 0; j < n; ++j) M[i * ld + j] /= d;
+}
+
+}  // namespace mhc
