@@ -1,0 +1,61 @@
+"""Variant selection: a pure function of the request and the compiled names.
+
+Order: exact (n, hidden) -> compile-time n with run-time hidden -> run-time n
+and hidden. A miss raises an error naming what was asked and what exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from generator.spec import MAX_N, Arch, DType, KernelSpec, Op, parse
+
+
+class NoKernelError(LookupError):
+    pass
+
+
+def arch_for_capability(major: int, minor: int) -> Arch:
+    """The compile target whose code runs best on a CUDA device of this capability."""
+    if major >= 10:
+        return Arch.SM100
+    if major == 9:
+        return Arch.SM90
+    if major == 8:
+        return Arch.SM80
+    raise NoKernelError(f"compute capability {major}.{minor} is older than sm_80, the oldest target")
+
+
+def arch_for_gcn(name: str) -> Arch:
+    base = name.split(":")[0]
+    for arch in (Arch.GFX90A, Arch.GFX942):
+        if arch.value == base:
+            return arch
+    raise NoKernelError(f"AMD target {name!r} is not built; mhc_gen targets gfx90a and gfx942")
+
+
+def select(
+    op: Op, n: int, hidden: int, dtype: DType, arch: Arch, available: Iterable[str]
+) -> KernelSpec:
+    """The best compiled variant for the request."""
+    if not 1 <= n <= MAX_N:
+        raise NoKernelError(f"n = {n} is not supported: mhc_gen supports 1 <= n <= {MAX_N}")
+    if hidden < 1:
+        raise NoKernelError(f"hidden = {hidden} is not supported: it must be >= 1")
+    by_key: dict[tuple, KernelSpec] = {}
+    for name in available:
+        s = parse(name)
+        if s.op is op and s.dtype is dtype and s.arch is arch:
+            # Several tiles of one shape: the smallest name wins, deterministically.
+            key = (s.n, s.hidden)
+            if key not in by_key or s.name < by_key[key].name:
+                by_key[key] = s
+    for key in ((n, hidden), (n, None), (None, None)):
+        if key in by_key:
+            return by_key[key]
+    have = sorted(s.name for s in by_key.values()) or ["none"]
+    raise NoKernelError(
+        f"no {op.value} kernel for n={n}, hidden={hidden}, {dtype.value}, {arch.value}; "
+        f"built for this op, dtype and arch: {', '.join(have)}. "
+        f"Rebuild with python build.py --arch {arch.value}"
+    )

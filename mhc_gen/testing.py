@@ -1,0 +1,53 @@
+"""Comparison with the reference: the one tolerance table, by output dtype."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    rel_norm: float  # ‖out − ref‖ / ‖ref‖
+    atol: float  # element-wise: |out − ref| <= atol + rtol·|ref|
+    rtol: float
+
+
+# Outputs in bf16/fp16 carry one rounding of the fp32 result (2^-9 and 2^-12
+# relative); fp32 outputs differ from float64 by accumulation order alone.
+TOLERANCES = {
+    torch.float32: Tolerance(rel_norm=2e-5, atol=2e-5, rtol=2e-4),
+    torch.float16: Tolerance(rel_norm=1e-3, atol=2e-3, rtol=2e-3),
+    torch.bfloat16: Tolerance(rel_norm=8e-3, atol=1.6e-2, rtol=1.6e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "output") -> None:
+    """Checks ``actual`` (a kernel's output) against a float64 ``expected``."""
+    tol = TOLERANCES[actual.dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a = actual.double().cpu()
+    e = expected.double().cpu()
+    assert torch.isfinite(a).all(), f"{what}: {int((~torch.isfinite(a)).sum())} non-finite values"
+    if a.numel() == 0:
+        return
+    err = (a - e).abs()
+    rel = float(err.norm() / e.norm().clamp_min(1e-30))
+    assert rel <= tol.rel_norm, f"{what}: relative norm error {rel:.3g} > {tol.rel_norm}"
+    bound = tol.atol + tol.rtol * e.abs()
+    bad = err > bound
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} elements out of bound, first at flat index {i}: "
+            f"{float(a.flatten()[i])} vs {float(e.flatten()[i])}"
+        )
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality of bits (NaN-safe)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))

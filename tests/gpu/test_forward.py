@@ -1,0 +1,179 @@
+"""Every built forward variant against the float64 reference, on the GPU.
+
+Each variant is forced (not only the one the selector picks) on Hypothesis-drawn
+shapes and parameters; outputs start as NaN so unwritten elements fail; a second
+run must give bitwise the same result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mhc_gen
+from generator.spec import DType, Op, parse
+from mhc_gen import reference
+from mhc_gen.ops import forced_variant, poisoned_outputs
+from mhc_gen.testing import TOLERANCES, assert_close, bitwise_equal
+
+pytestmark = pytest.mark.gpu
+
+TORCH_DTYPE = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16, DType.FP32: torch.float32}
+
+
+def _variants() -> list[str]:
+    if not torch.cuda.is_available():
+        return []
+    return mhc_gen.kernels()
+
+
+VARIANTS = _variants()
+
+
+def test_variants_are_built():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    assert VARIANTS, "no kernels built for this GPU: run python build.py"
+
+
+# Shapes: odd token counts, T = 1, C not a multiple of 8, n = 3 and 5 for run-time n.
+TOKENS = st.one_of(st.just(1), st.integers(1, 37), st.sampled_from([64, 129]))
+SMALL_C = st.one_of(st.integers(1, 40), st.integers(41, 700), st.sampled_from([8, 64, 1000]))
+ANY_N = st.one_of(st.sampled_from([1, 3, 5, 32]), st.integers(1, 32))
+
+
+def _shape(spec, data):
+    n = spec.n if spec.n is not None else data.draw(ANY_N, label="n")
+    if spec.hidden is not None:
+        c = spec.hidden
+    else:
+        c = data.draw(SMALL_C if n <= 8 else st.integers(1, 160), label="C")
+    t = data.draw(TOKENS if c * n <= 50_000 else st.integers(1, 9), label="T")
+    lead = data.draw(st.sampled_from([(t,), (1, t)] + ([(t // 2, 2)] if t % 2 == 0 else [])))
+    return lead, n, c
+
+
+def _params(n, c, data, device):
+    m = reference.num_logits(n)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    alpha = data.draw(st.sampled_from([0.01, 1.0]), label="alpha")
+    phi_scale = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="phi_scale")
+    phi = torch.randn(n * c, m, generator=g) * phi_scale / (n * c) ** 0.5
+    b = torch.randn(m, generator=g) * data.draw(st.sampled_from([0.5, 2.0]), label="b_scale")
+    return dict(
+        phi=phi.to(device),
+        alpha=torch.tensor([alpha, alpha * 0.7, alpha * 1.3]).to(device),
+        b=b.to(device),
+        weight=(1 + 0.2 * torch.randn(c, generator=g)).to(device),
+        gen=g,
+    )
+
+
+def _run_twice(fn):
+    """Runs fn twice with poisoned outputs; asserts bitwise-identical results."""
+    with poisoned_outputs():
+        first = fn()
+        second = fn()
+    first = first if isinstance(first, tuple) else (first,)
+    second = second if isinstance(second, tuple) else (second,)
+    for a, b in zip(first, second, strict=True):
+        assert bitwise_equal(a, b), "second run differs bitwise"
+    return first
+
+
+def _d(t):
+    return t.double().cpu()
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+@given(data=st.data())
+def test_forward_variant(name, data):
+    spec = parse(name)
+    dev = torch.device("cuda")
+    dtype = TORCH_DTYPE[spec.dtype]
+    lead, n, c = _shape(spec, data)
+    p = _params(n, c, data, dev)
+    x = torch.randn(*lead, n, c, generator=p["gen"]).to(dtype).to(dev)
+    y = torch.randn(*lead, c, generator=p["gen"]).to(dtype).to(dev)
+    phi, alpha, b, w = p["phi"], p["alpha"], p["b"], p["weight"]
+    kw = dict(sinkhorn_iters=data.draw(st.sampled_from([20, 20, 5, 0]), label="iters"))
+    ref_dyn = reference.dynamic_coefficients(_d(x), _d(phi), _d(alpha), _d(b), **kw)
+    ref_static = reference.static_coefficients(_d(b), n, **kw)
+
+    with forced_variant(name):
+        if spec.op is Op.COEFFS_DYN:
+            got = _run_twice(lambda: mhc_gen.dynamic_coefficients(x, phi, alpha, b, **kw))
+            for g_, r_, w_ in zip(got, ref_dyn, ("H_pre", "H_post", "H_res"), strict=True):
+                assert_close(g_, r_, w_)
+        elif spec.op is Op.COEFFS_STATIC:
+            got = _run_twice(lambda: mhc_gen.static_coefficients(b, n, **kw))
+            for g_, r_, w_ in zip(got, ref_static, ("H_pre", "H_post", "H_res"), strict=True):
+                assert_close(g_, r_, w_)
+        elif spec.op is Op.PRE_DYN:
+            got = _run_twice(lambda: mhc_gen.pre_dynamic(x, phi, alpha, b, **kw))
+            assert_close(got[0], reference.pre(_d(x), ref_dyn[0]), "u")
+            for g_, r_, w_ in zip(got[1:], ref_dyn, ("H_pre", "H_post", "H_res"), strict=True):
+                assert_close(g_, r_, w_)
+        elif spec.op is Op.PRE_STATIC:
+            (u,) = _run_twice(lambda: mhc_gen.pre_static(x, b, **kw))
+            assert_close(u, reference.pre(_d(x), ref_static[0]), "u")
+        elif spec.op is Op.POST_DYN:
+            h_post, h_res = (h.float().to(dev) for h in ref_dyn[1:])
+            (out,) = _run_twice(lambda: mhc_gen.post_dynamic(x, y, h_post, h_res))
+            assert_close(out, reference.post(_d(x), _d(y), _d(h_post), _d(h_res)), "x_next")
+        elif spec.op is Op.POST_STATIC:
+            (out,) = _run_twice(lambda: mhc_gen.post_static(x, y, b, **kw))
+            assert_close(out, reference.post(_d(x), _d(y), *ref_static[1:]), "x_next")
+        elif spec.op is Op.LAYER_DYN:
+            (out,) = _run_twice(lambda: mhc_gen.layer_dynamic(x, w, phi, alpha, b, **kw))
+            assert_close(out, reference.layer(_d(x), _d(w), *ref_dyn), "x_next")
+        elif spec.op is Op.LAYER_STATIC:
+            (out,) = _run_twice(lambda: mhc_gen.layer_static(x, w, b, **kw))
+            assert_close(out, reference.layer(_d(x), _d(w), *ref_static), "x_next")
+        else:
+            raise AssertionError(f"untested op {spec.op}")
+
+
+def test_tolerance_table_covers_every_gpu_dtype():
+    assert set(TORCH_DTYPE.values()) <= set(TOLERANCES)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_empty_tokens(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    n, c = 4, 64
+    x = torch.randn(0, n, c, device="cuda", dtype=dtype)
+    y = torch.randn(0, c, device="cuda", dtype=dtype)
+    m = reference.num_logits(n)
+    phi = torch.zeros(n * c, m, device="cuda")
+    alpha = torch.ones(3, device="cuda")
+    b = torch.zeros(m, device="cuda")
+    u, hp, hq, hr = mhc_gen.pre_dynamic(x, phi, alpha, b)
+    assert u.shape == (0, c) and hr.shape == (0, n, n)
+    assert mhc_gen.post_static(x, y, b).shape == (0, n, c)
+    assert mhc_gen.layer_dynamic(x, torch.ones(c, device="cuda"), phi, alpha, b).shape == x.shape
+
+
+def test_selected_variant_runs_on_other_stream():
+    """The op runs on the caller's current stream."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    x = torch.randn(33, 4, 1280, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(24, device="cuda")
+    w = torch.ones(1280, device="cuda")
+    expected = mhc_gen.layer_static(x, w, b)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = mhc_gen.layer_static(x, w, b)
+    torch.cuda.current_stream().wait_stream(s)
+    assert bitwise_equal(got, expected)
