@@ -46,7 +46,9 @@ def parse_args(argv):
     ap.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     ap.add_argument("--list", action="store_true", help="print the variants and exit")
     ap.add_argument("--check-lock", action="store_true", help="fail if kernels.lock is stale")
-    ap.add_argument("-j", "--jobs", type=int, default=0, help="parallel compiles (default: ninja's)")
+    ap.add_argument(
+        "-j", "--jobs", type=int, default=0, help="parallel compiles (default: ninja's)"
+    )
     return ap.parse_args(argv)
 
 
@@ -81,7 +83,9 @@ def main(argv=None) -> int:
 
     changed = sum(write_if_different(plan.source(s), render_variant(s)) for s in specs)
     for backend, linked in plan.linked.items():
-        changed += write_if_different(plan.dispatch_source(backend), render_dispatch(linked, backend))
+        changed += write_if_different(
+            plan.dispatch_source(backend), render_dispatch(linked, backend)
+        )
     write_if_different(out / "build.ninja", ninja_text)
     for arch in archs:
         print(f"{arch.value}: {sum(s.arch is arch for s in specs)} variants", flush=True)

@@ -74,9 +74,10 @@ def render(p: Plan) -> str:
     for backend, specs in sorted(p.linked.items()):
         inc = " ".join(_q(f) for f in toolchain.python_includes())
         cxx = _q(toolchain.host_cxx())
+        flags = f"-O2 -std=c++17 -fPIC {inc} -I{_q(INCLUDE)}"
         lines += [
             f"rule dispatch_{backend}",
-            f"  command = {cxx} -O2 -std=c++17 -fPIC {inc} -I{_q(INCLUDE)} -MD -MF $out.d -c $in -o $out",
+            f"  command = {cxx} {flags} -MD -MF $out.d -c $in -o $out",
             "  depfile = $out.d",
             "  deps = gcc",
             f"  description = {backend} dispatch table",
@@ -92,8 +93,9 @@ def render(p: Plan) -> str:
             "",
         ]
     for spec in p.specs:
+        artifact, source = _esc(p.artifacts[spec.name]), _esc(p.source(spec))
         lines += [
-            f"build {_esc(p.artifacts[spec.name])}: compile_{spec.arch.token} {_esc(p.source(spec))}",
+            f"build {artifact}: compile_{spec.arch.token} {source}",
             f"  name = {spec.name}",
         ]
     for backend, specs in sorted(p.linked.items()):

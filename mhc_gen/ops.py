@@ -127,9 +127,30 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _launch(op: Op, x, n, c, tokens, *, dtype=None, y=None, phi=None, alpha=None, b=None,
-            weight=None, h_post_in=None, h_res_in=None, out=None, h_pre=None, h_post=None,
-            h_res=None, sinkhorn_iters=20, eps_rms=1e-6, eps_sk=1e-6, post_mult=2.0):
+def _launch(
+    op: Op,
+    x,
+    n,
+    c,
+    tokens,
+    *,
+    dtype=None,
+    y=None,
+    phi=None,
+    alpha=None,
+    b=None,
+    weight=None,
+    h_post_in=None,
+    h_res_in=None,
+    out=None,
+    h_pre=None,
+    h_post=None,
+    h_res=None,
+    sinkhorn_iters=20,
+    eps_rms=1e-6,
+    eps_sk=1e-6,
+    post_mult=2.0,
+):
     device = x.device
     forced = _FORCED.get()
     if forced is not None and parse(forced).op is op:

@@ -24,7 +24,9 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def sinkhorn(logits: torch.Tensor, iters: int = SINKHORN_ITERS, eps: float = EPS_SK) -> torch.Tensor:
+def sinkhorn(
+    logits: torch.Tensor, iters: int = SINKHORN_ITERS, eps: float = EPS_SK
+) -> torch.Tensor:
     """Sinkhorn-Knopp on [..., n, n] logits: columns first, then rows."""
     shift = logits.amax(dim=(-2, -1), keepdim=True).detach()  # no gradient through the max
     m = torch.exp(logits - shift)

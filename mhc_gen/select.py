@@ -23,7 +23,9 @@ def arch_for_capability(major: int, minor: int) -> Arch:
         return Arch.SM90
     if major == 8:
         return Arch.SM80
-    raise NoKernelError(f"compute capability {major}.{minor} is older than sm_80, the oldest target")
+    raise NoKernelError(
+        f"compute capability {major}.{minor} is older than sm_80, the oldest target"
+    )
 
 
 def arch_for_gcn(name: str) -> Arch:

@@ -10,9 +10,9 @@ struct Args {
   // Inputs. x: [T, n, C] in the variant's dtype; y: [T, C] same dtype.
   const void* x;
   const void* y;
-  const float* phi;    // [n·C, m] (dynamic H)
-  const float* alpha;  // [3]: pre, post, res (dynamic H)
-  const float* bias;   // [m]: b, or the static logits
+  const float* phi;          // [n·C, m] (dynamic H)
+  const float* alpha;        // [3]: pre, post, res (dynamic H)
+  const float* bias;         // [m]: b, or the static logits
   const float* norm_weight;  // [C]: the layer's RMSNorm weight
   const float* h_pre_in;     // post with per-token H: [T, n]
   const float* h_post_in;    // [T, n]

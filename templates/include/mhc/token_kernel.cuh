@@ -76,7 +76,8 @@ MHC_DEV void block_sum(float (&v)[TM][G], Shared<NB, TM, SLOTS>& s, float (*dst)
 
 // Phase 1: z[t] = x̄_t·φ and sum_sq[t] = Σ x̄_t² for the block's nt tokens.
 template <typename T, int NB, int TM, int SLOTS>
-MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt, Shared<NB, TM, SLOTS>& s) {
+MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt,
+                     Shared<NB, TM, SLOTS>& s) {
   constexpr int G = logit_group<NB>();
   const int m = num_logits(n);
   const int64_t K = int64_t(n) * C;
@@ -136,22 +137,10 @@ MHC_DEV void coefficients(const Args& a, int n, int slot, const float* z, float 
   const int lane = threadIdx.x % kWarp;
   constexpr int ld = NB + 1;
   float* M = &s.h_res[slot][0][0];
-  const float a_pre = z ? a.alpha[0] : 0.0f;
-  const float a_post = z ? a.alpha[1] : 0.0f;
-  const float a_res = z ? a.alpha[2] : 0.0f;
-  const float* b = a.bias;
   float row_max = -__builtin_inff();
-  if (lane < n) {
-    s.h_pre[slot][lane] = pre_gate(mix_logit(z ? z[lane] : 0.0f, r, a_pre, b[lane]));
-    s.h_post[slot][lane] =
-        post_gate(mix_logit(z ? z[n + lane] : 0.0f, r, a_post, b[n + lane]), a.post_mult);
-    for (int j = 0; j < n; ++j) {
-      const int k = 2 * n + lane * n + j;
-      const float l = mix_logit(z ? z[k] : 0.0f, r, a_res, b[k]);
-      M[lane * ld + j] = l;
-      row_max = fmaxf(row_max, l);
-    }
-  }
+  if (lane < n)
+    row_max = coefficient_row(lane, n, z, r, a.alpha, a.bias, a.post_mult, s.h_pre[slot],
+                              s.h_post[slot], M, ld);
   const float max_logit = warp_max(row_max);
   if (lane < n) sinkhorn_exp_row(M, ld, n, lane, max_logit);
   sync_warp();
@@ -365,8 +354,8 @@ int launch(const Args& a) {
   } else {
     constexpr int VEC = vec_width<T, n_bound<N>()>();
     const int vb = VEC * int(sizeof(T));
-    const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.x, vb) && aligned_to(a.y, vb) &&
-                        aligned_to(a.out, vb);
+    const bool vec_ok =
+        a.hidden % VEC == 0 && aligned_to(a.x, vb) && aligned_to(a.y, vb) && aligned_to(a.out, vb);
     // Split C over grid.y where no reduction over C is needed: short token
     // counts still fill the GPU.
     const bool split = OP == Op::Post || (OP == Op::Pre && !DYN);

@@ -21,6 +21,27 @@ MHC_HD float mix_logit(float z, float r, float alpha, float bias) { return alpha
 MHC_HD float pre_gate(float logit) { return sigmoid(logit); }
 MHC_HD float post_gate(float logit, float post_mult) { return post_mult * sigmoid(logit); }
 
+// Row i of the coefficient epilogue (Eq. 16-18): H_pre[i], H_post[i] and row i
+// of the n×n residual logits into M (leading dim ld). z is null for static H,
+// whose logits are the bias alone. Returns the row's largest logit.
+MHC_HD float coefficient_row(int i, int n, const float* z, float r, const float* alpha,
+                             const float* bias, float post_mult, float* h_pre, float* h_post,
+                             float* M, int ld) {
+  const float a_pre = z ? alpha[0] : 0.0f;
+  const float a_post = z ? alpha[1] : 0.0f;
+  const float a_res = z ? alpha[2] : 0.0f;
+  h_pre[i] = pre_gate(mix_logit(z ? z[i] : 0.0f, r, a_pre, bias[i]));
+  h_post[i] = post_gate(mix_logit(z ? z[n + i] : 0.0f, r, a_post, bias[n + i]), post_mult);
+  float row_max = -__builtin_inff();
+  for (int j = 0; j < n; ++j) {
+    const int k = 2 * n + i * n + j;
+    const float l = mix_logit(z ? z[k] : 0.0f, r, a_res, bias[k]);
+    M[i * ld + j] = l;
+    row_max = row_max > l ? row_max : l;
+  }
+  return row_max;
+}
+
 // Sinkhorn-Knopp on an n×n matrix M stored row-major with leading dim ld.
 // One step is split by the row or column it owns, so that on the GPU lane k
 // runs step(k) for all k at once and on the host a loop over k does the same.

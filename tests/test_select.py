@@ -1,0 +1,57 @@
+"""Selection is a pure function: exact -> compile-time n -> run-time n, else a clear error."""
+
+import pytest
+
+from generator.profiles import specs_for
+from generator.spec import Arch, DType, Op
+from mhc_gen.select import NoKernelError, arch_for_capability, arch_for_gcn, select
+
+AVAILABLE = [s.name for s in specs_for(Arch.SM90)]
+
+
+def test_exact_hot_size():
+    s = select(Op.POST_DYN, 4, 4096, DType.BF16, Arch.SM90, AVAILABLE)
+    assert s.name == "post_dyn_n4_h4096_bf16_tm4_sm90"
+
+
+def test_generic_hidden_for_compiled_n():
+    s = select(Op.POST_DYN, 4, 1000, DType.BF16, Arch.SM90, AVAILABLE)
+    assert s.name == "post_dyn_n4_hany_bf16_tm4_sm90"
+    # fp16 has no hot sizes: the generic hidden serves 4096 too.
+    s = select(Op.PRE_DYN, 4, 4096, DType.FP16, Arch.SM90, AVAILABLE)
+    assert s.name == "pre_dyn_n4_hany_fp16_tm4_sm90"
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 7, 31])
+def test_runtime_n_serves_other_n(n):
+    s = select(Op.LAYER_STATIC, n, 77, DType.FP32, Arch.SM90, AVAILABLE)
+    assert s.n is None and s.hidden is None
+
+
+@pytest.mark.parametrize("n", [0, 33, 64])
+def test_unsupported_n_raises(n):
+    with pytest.raises(NoKernelError, match=f"n = {n}"):
+        select(Op.PRE_DYN, n, 128, DType.BF16, Arch.SM90, AVAILABLE)
+
+
+def test_missing_arch_names_what_exists():
+    with pytest.raises(NoKernelError, match="sm_80") as e:
+        select(Op.PRE_DYN, 4, 128, DType.BF16, Arch.SM80, AVAILABLE)
+    assert "none" in str(e.value)
+
+
+def test_miss_lists_built_variants():
+    only = ["pre_dyn_n4_h4096_bf16_tm4_sm90"]
+    with pytest.raises(NoKernelError, match="pre_dyn_n4_h4096_bf16_tm4_sm90"):
+        select(Op.PRE_DYN, 4, 128, DType.BF16, Arch.SM90, only)
+
+
+def test_capability_to_arch():
+    assert arch_for_capability(9, 0) is Arch.SM90
+    assert arch_for_capability(8, 6) is Arch.SM80
+    assert arch_for_capability(10, 0) is Arch.SM100
+    with pytest.raises(NoKernelError):
+        arch_for_capability(7, 5)
+    assert arch_for_gcn("gfx942:sramecc+:xnack-") is Arch.GFX942
+    with pytest.raises(NoKernelError):
+        arch_for_gcn("gfx1100")

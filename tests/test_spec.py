@@ -1,0 +1,75 @@
+"""Specs: names round-trip, validity is one rule, profiles list only valid specs."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from generator.profiles import HOT_HIDDEN, PROFILES, specs_for
+from generator.spec import MAX_N, Arch, DType, KernelSpec, Op, is_supported, parse
+
+SPECS = st.builds(
+    KernelSpec,
+    op=st.sampled_from(Op),
+    n=st.one_of(st.none(), st.integers(-2, 40)),
+    hidden=st.one_of(st.none(), st.integers(-1, 100_000)),
+    dtype=st.sampled_from(DType),
+    arch=st.sampled_from(Arch),
+    tile=st.integers(0, 10),
+)
+
+
+@given(SPECS)
+def test_name_round_trips(spec):
+    if spec.n is not None and spec.n < 0 or spec.hidden is not None and spec.hidden < 0:
+        return  # negative numbers have no name; is_supported rejects them anyway
+    assert parse(spec.name) == spec
+
+
+@pytest.mark.parametrize("arch", list(Arch))
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profile_specs_are_valid_and_named_uniquely(arch, profile):
+    specs = specs_for(arch, profile)
+    assert all(is_supported(s) for s in specs)
+    assert len({s.name for s in specs}) == len(specs)
+    assert [s.name for s in specs] == sorted(s.name for s in specs)
+
+
+def test_default_profile_covers_the_issue_matrix():
+    names = {s.name for s in specs_for(Arch.SM90)}
+    for op in Op:
+        for n in (2, 4, 8, 16, 32, None):
+            dt = [DType.FP32] if op is Op.COEFFS_STATIC else list(DType)
+            for d in dt:
+                tile = 1 if op is Op.COEFFS_STATIC else 4
+                assert KernelSpec(op, n, None, d, Arch.SM90, tile).name in names
+        if op is not Op.COEFFS_STATIC:
+            for h in HOT_HIDDEN:
+                for d in (DType.BF16, DType.FP32):
+                    assert KernelSpec(op, 4, h, d, Arch.SM90).name in names
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "post_dyn",
+        "post_dyn_n4_h4096_bf16_tm4_sm91",
+        "post_dyn_n04_h4096_bf16_tm4_sm90",
+        "post_dyn_n4_h4096_int8_tm4_sm90",
+        "foo_dyn_n4_h4096_bf16_tm4_sm90",
+    ],
+)
+def test_parse_rejects(bad):
+    with pytest.raises(ValueError):
+        parse(bad)
+
+
+def test_validity():
+    ok = KernelSpec(Op.PRE_DYN, 4, 4096, DType.BF16, Arch.SM90)
+    assert is_supported(ok)
+    assert not is_supported(KernelSpec(Op.PRE_DYN, MAX_N + 1, None, DType.BF16, Arch.SM90))
+    assert not is_supported(KernelSpec(Op.PRE_DYN, 0, None, DType.BF16, Arch.SM90))
+    assert not is_supported(KernelSpec(Op.PRE_DYN, 4, 0, DType.BF16, Arch.SM90))
+    assert not is_supported(KernelSpec(Op.PRE_DYN, 4, None, DType.BF16, Arch.SM90, tile=3))
+    assert not is_supported(KernelSpec(Op.COEFFS_STATIC, 4, 4096, DType.FP32, Arch.SM90, 1))
+    assert not is_supported(KernelSpec(Op.COEFFS_STATIC, 4, None, DType.BF16, Arch.SM90, 1))

@@ -1,0 +1,99 @@
+"""The kernels' per-token math (templates/include/mhc/token_math.h), compiled
+for the host, against mhc_gen.reference."""
+
+import ctypes
+import subprocess
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from generator.render import INCLUDE
+from mhc_gen import reference
+
+SHIM = __import__("pathlib").Path(__file__).parent / "host" / "token_math_shim.cpp"
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    so = tmp_path_factory.mktemp("shim") / "token_math.so"
+    cmd = ["c++", "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{INCLUDE}", str(SHIM), "-o", str(so)]
+    subprocess.run(cmd, check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.shim_token_rms.restype = ctypes.c_float
+    lib.shim_token_rms.argtypes = [ctypes.c_float, ctypes.c_longlong, ctypes.c_float]
+    return lib
+
+
+def _p(t):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _coefficients(lib, z, r, alpha, b, n, iters, eps_sk=1e-6, post_mult=2.0):
+    h_pre, h_post, h_res = torch.empty(n), torch.empty(n), torch.empty(n, n)
+    lib.shim_coefficients(
+        None if z is None else _p(z), ctypes.c_float(r), _p(alpha), _p(b), n,
+        ctypes.c_float(post_mult), iters, ctypes.c_float(eps_sk), _p(h_pre), _p(h_post), _p(h_res),
+    )  # fmt: skip
+    return h_pre, h_post, h_res
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 32),
+    iters=st.sampled_from([0, 1, 5, 20]),
+    scale=st.sampled_from([0.1, 1.0, 4.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_dynamic_epilogue_matches_reference(lib, n, iters, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = reference.num_logits(n)
+    z = torch.randn(m, generator=g) * scale
+    r = float(torch.rand((), generator=g)) + 0.5
+    alpha = torch.rand(3, generator=g) + 0.01
+    b = torch.randn(m, generator=g)
+    got = _coefficients(lib, z, r, alpha, b, n, iters)
+    a = alpha.double()
+    scale_vec = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
+    logits = scale_vec * z.double() / r + b.double()
+    want = reference.coefficients_from_logits(logits, n, sinkhorn_iters=iters)
+    for gv, wv in zip(got, want, strict=True):
+        torch.testing.assert_close(gv.double(), wv, rtol=2e-5, atol=2e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 32), seed=st.integers(0, 2**31 - 1))
+def test_static_epilogue_is_bias_only(lib, n, seed):
+    b = torch.randn(reference.num_logits(n), generator=torch.Generator().manual_seed(seed)) * 3
+    got = _coefficients(lib, None, 1.0, torch.zeros(3), b, n, 20)
+    want = reference.static_coefficients(b.double(), n)
+    for gv, wv in zip(got, want, strict=True):
+        torch.testing.assert_close(gv.double(), wv, rtol=2e-5, atol=2e-6)
+
+
+def test_extreme_logits_stay_finite(lib):
+    n = 8
+    b = torch.randn(reference.num_logits(n)) * 1e4
+    h_pre, h_post, h_res = _coefficients(lib, None, 1.0, torch.zeros(3), b, n, 20)
+    assert torch.isfinite(h_res).all() and torch.isfinite(h_pre).all()
+    # exp(L - max L) underflows for all but the largest logits: same as the reference.
+    want = reference.static_coefficients(b.double(), n)[2]
+    torch.testing.assert_close(h_res.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_token_rms(lib):
+    x = torch.randn(4 * 100)
+    want = float(torch.sqrt(x.double().square().mean() + 1e-6))
+    got = lib.shim_token_rms(ctypes.c_float(float(x.double().square().sum())), x.numel(), 1e-6)
+    assert abs(got - want) <= 1e-6 * want
+
+
+def test_bf16_rounding_matches_torch(lib):
+    x = torch.cat([torch.randn(10_000) * 100, torch.tensor([0.0, -0.0, float("inf"), 1e-40])])
+    out = torch.empty_like(x)
+    lib.shim_bf16_round(_p(x), _p(out), x.numel())
+    torch.testing.assert_close(out, x.bfloat16().float(), rtol=0, atol=0)
+    nan = torch.tensor([float("nan")])
+    lib.shim_bf16_round(_p(nan), _p(out), 1)
+    assert torch.isnan(out[0])

@@ -1,0 +1,62 @@
+"""The CUDA and HIP builds compile: one demanding variant per arch, plus the
+default build's manifest when it is present (CI builds it first)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+import build
+from generator import toolchain
+from generator.profiles import specs_for
+from generator.render import render_variant
+from generator.spec import Arch, DType, KernelSpec, Op
+
+REQUIRE = os.environ.get("MHC_GEN_REQUIRE_TOOLCHAINS") == "1"
+
+
+def _compile_or_skip(arch: Arch):
+    try:
+        return toolchain.compile_rule(arch)
+    except toolchain.ToolchainError as e:
+        if REQUIRE:
+            raise
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("arch", list(Arch), ids=lambda a: a.value)
+def test_variant_compiles(arch, tmp_path):
+    rule = _compile_or_skip(arch)
+    # The run-time-n fused layer touches every phase of the kernel family.
+    spec = KernelSpec(Op.LAYER_DYN, None, None, DType.BF16, arch)
+    src = tmp_path / ("v.cu" if arch.backend == "cuda" else "v.hip")
+    src.write_text(render_variant(spec))
+    out = tmp_path / f"v{rule.output_ext}"
+    mode = ["-c"] if rule.output_ext == ".o" else []
+    res = subprocess.run(
+        [rule.compiler, *rule.flags, *mode, str(src), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert out.stat().st_size > 0
+    if rule.output_ext == ".s":
+        assert "token_kernel" in out.read_text()
+
+
+def test_default_build_manifest():
+    path = build.DEFAULT_OUT / "manifest.json"
+    if not path.exists():
+        if REQUIRE:
+            pytest.fail("generated/manifest.json is missing: run python build.py first")
+        pytest.skip("no build in generated/")
+    m = json.loads(path.read_text())
+    lock = set(build.LOCK.read_text().split())
+    for arch in m["archs"]:
+        names = {s.name for s in specs_for(Arch(arch), m["profile"])}
+        assert names <= set(m["kernels"]), f"{arch}: variants missing from the manifest"
+        if m["profile"] == "default":
+            assert names <= lock
+        for name in names:
+            assert (build.DEFAULT_OUT / m["kernels"][name]["artifact"]).stat().st_size > 0
