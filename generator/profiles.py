@@ -14,7 +14,14 @@ PROFILES = ("minimal", "default")
 
 
 def default_tile(op: Op) -> int:
-    return 1 if op is Op.COEFFS_STATIC else 4
+    """Tokens per block: 4 where they share φ reads or a static H, else fewer."""
+    if op in (Op.COEFFS_STATIC, Op.COEFFS_BWD_STATIC, Op.PHI_GRAD_DYN):
+        return 1
+    if op in (Op.POST_BWD_DYN, Op.POST_BWD_STATIC, Op.PRE_BWD_STATIC):
+        return 1
+    if op is Op.PRE_BWD_DYN:
+        return 2
+    return 4
 
 
 def _spec(op: Op, n, hidden, dtype: DType, arch: Arch) -> KernelSpec:
@@ -28,11 +35,11 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
     specs: set[KernelSpec] = set()
     generic_n = (None,) if profile == "minimal" else GENERIC_N
     for op in Op:
-        dtypes = (DType.FP32,) if op is Op.COEFFS_STATIC else tuple(DType)
+        dtypes = tuple(DType) if op.needs_x else (DType.FP32,)
         for dtype in dtypes:
             for n in generic_n:
                 specs.add(_spec(op, n, None, dtype, arch))
-        if profile == "default" and op is not Op.COEFFS_STATIC:
+        if profile == "default" and op.has_hidden_axis:
             for dtype in HOT_DTYPES:
                 for hidden in HOT_HIDDEN:
                     specs.add(_spec(op, HOT_N, hidden, dtype, arch))

@@ -29,8 +29,10 @@ def variant_values(spec: KernelSpec) -> dict[str, str]:
         "n": str(spec.n or 0),
         "hidden": str(spec.hidden or 0),
         "tile": str(spec.tile),
-        "op_kind": spec.op.kind,
+        "op_enum": spec.op.cpp_enum,
         "dynamic": "true" if spec.op.dynamic else "false",
+        "header": "mhc/token_backward.cuh" if spec.op.backward else "mhc/token_kernel.cuh",
+        "launcher": "mhc::launch_backward" if spec.op.backward else "mhc::launch",
     }
 
 

@@ -25,15 +25,44 @@ class Op(enum.Enum):
     POST_STATIC = "post_static"
     LAYER_DYN = "layer_dyn"
     LAYER_STATIC = "layer_static"
-
-    @property
-    def kind(self) -> str:
-        """The C++ ``mhc::Op`` enumerator."""
-        return self.value.split("_")[0].capitalize()
+    # backward
+    PRE_BWD_DYN = "pre_bwd_dyn"
+    PRE_BWD_STATIC = "pre_bwd_static"
+    POST_BWD_DYN = "post_bwd_dyn"
+    POST_BWD_STATIC = "post_bwd_static"
+    COEFFS_BWD_STATIC = "coeffs_bwd_static"
+    PHI_GRAD_DYN = "phi_grad_dyn"
 
     @property
     def dynamic(self) -> bool:
         return self.value.endswith("_dyn")
+
+    @property
+    def backward(self) -> bool:
+        return "_bwd_" in self.value or self is Op.PHI_GRAD_DYN
+
+    @property
+    def needs_x(self) -> bool:
+        """False for the static-coefficient ops, which see only the logits b."""
+        return self not in (Op.COEFFS_STATIC, Op.COEFFS_BWD_STATIC)
+
+    @property
+    def has_hidden_axis(self) -> bool:
+        return self.needs_x and self is not Op.PHI_GRAD_DYN
+
+    @property
+    def cpp_enum(self) -> str:
+        """The C++ enumerator the launcher template takes."""
+        base = self.value.rsplit("_", 1)[0]
+        if self.backward:
+            name = {
+                "pre_bwd": "Pre",
+                "post_bwd": "Post",
+                "coeffs_bwd": "Coeffs",
+                "phi_grad": "PhiGrad",
+            }
+            return f"mhc::BwdOp::{name[base]}"
+        return f"mhc::Op::{base.capitalize()}"
 
 
 class DType(enum.Enum):
@@ -100,7 +129,7 @@ class KernelSpec:
 
 
 _NAME = re.compile(
-    r"^(?P<op>[a-z]+_(?:dyn|static))_n(?P<n>\d+|any)_h(?P<hidden>\d+|any)"
+    r"^(?P<op>[a-z_]+?_(?:dyn|static))_n(?P<n>\d+|any)_h(?P<hidden>\d+|any)"
     r"_(?P<dtype>bf16|fp16|fp32)_tm(?P<tile>\d+)_(?P<arch>sm\d+|gfx\w+)$"
 )
 _ARCH_BY_TOKEN = {a.token: a for a in Arch}
@@ -132,7 +161,13 @@ def is_supported(spec: KernelSpec) -> bool:
         return False
     if spec.tile not in TILES:
         return False
-    if spec.op is Op.COEFFS_STATIC:
+    if not spec.op.needs_x:
         # Static H depends on n alone: no x, so no dtype or hidden axis.
         return spec.hidden is None and spec.dtype is DType.FP32 and spec.tile == 1
+    if not spec.op.has_hidden_axis and spec.hidden is not None:
+        return False
+    if spec.op is Op.PHI_GRAD_DYN and spec.tile != 1:
+        return False
+    if spec.op is Op.PRE_BWD_DYN and spec.tile > 2 and (spec.n is None or spec.n > 16):
+        return False  # its shared memory grows with tile × n²
     return True

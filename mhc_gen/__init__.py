@@ -10,8 +10,10 @@ mhc_gen.reference, so the API works on a machine without a GPU.
 
 from __future__ import annotations
 
-from . import reference
+from . import library, reference
+from ._launch import forced_variant, poisoned_outputs
 from ._loader import manifest, table
+from .modules import MHCConnection, MHCLayer, expand_streams, reduce_streams, residual_init_bias
 from .ops import (
     dynamic_coefficients,
     layer_dynamic,
@@ -34,14 +36,22 @@ def kernels(backend: str | None = None) -> list[str]:
 
 
 __all__ = [
+    "MHCConnection",
+    "MHCLayer",
+    "expand_streams",
+    "reduce_streams",
+    "residual_init_bias",
     "NoKernelError",
     "dynamic_coefficients",
+    "forced_variant",
+    "library",
     "kernels",
     "layer_dynamic",
     "layer_static",
     "post_dynamic",
     "post_static",
     "pre_dynamic",
+    "poisoned_outputs",
     "pre_static",
     "reference",
     "select",

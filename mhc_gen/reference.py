@@ -51,16 +51,25 @@ def coefficients_from_logits(
     return h_pre, h_post, sinkhorn(res, sinkhorn_iters, eps_sk)
 
 
-def dynamic_logits(x, phi, alpha, b, *, eps_rms: float = EPS_RMS):
-    """h̃ = α·(x̄·φ)/r + b per token (Eq. 14-16)."""
-    n = x.shape[-2]
+def projection(x, phi, *, eps_rms: float = EPS_RMS):
+    """z = x̄·φ [..., m] and r = RMS(x̄) [...] per token (Eq. 14-15)."""
     dt = _math_dtype(x.dtype)
     xbar = x.to(dt).flatten(-2)
-    r = torch.sqrt(xbar.square().mean(-1, keepdim=True) + eps_rms)
-    z = xbar @ phi.to(dt)
-    a = alpha.to(dt)
+    r = torch.sqrt(xbar.square().mean(-1) + eps_rms)
+    return xbar @ phi.to(dt), r
+
+
+def logits_from_projection(z, r, alpha, b, n: int):
+    """h̃ = α_g·z/r + b (Eq. 16)."""
+    a = alpha.to(z.dtype)
     scale = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
-    return scale * z / r + b.to(dt)
+    return scale * z / r.unsqueeze(-1) + b.to(z.dtype)
+
+
+def dynamic_logits(x, phi, alpha, b, *, eps_rms: float = EPS_RMS):
+    """h̃ = α·(x̄·φ)/r + b per token (Eq. 14-16)."""
+    z, r = projection(x, phi, eps_rms=eps_rms)
+    return logits_from_projection(z, r, alpha, b, x.shape[-2])
 
 
 def dynamic_coefficients(

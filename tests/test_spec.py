@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from generator.profiles import HOT_HIDDEN, PROFILES, specs_for
+from generator.profiles import HOT_HIDDEN, PROFILES, default_tile, specs_for
 from generator.spec import MAX_N, Arch, DType, KernelSpec, Op, is_supported, parse
 
 SPECS = st.builds(
@@ -37,15 +37,14 @@ def test_profile_specs_are_valid_and_named_uniquely(arch, profile):
 def test_default_profile_covers_the_issue_matrix():
     names = {s.name for s in specs_for(Arch.SM90)}
     for op in Op:
+        tile = default_tile(op)
         for n in (2, 4, 8, 16, 32, None):
-            dt = [DType.FP32] if op is Op.COEFFS_STATIC else list(DType)
-            for d in dt:
-                tile = 1 if op is Op.COEFFS_STATIC else 4
+            for d in list(DType) if op.needs_x else [DType.FP32]:
                 assert KernelSpec(op, n, None, d, Arch.SM90, tile).name in names
-        if op is not Op.COEFFS_STATIC:
+        if op.has_hidden_axis:
             for h in HOT_HIDDEN:
                 for d in (DType.BF16, DType.FP32):
-                    assert KernelSpec(op, 4, h, d, Arch.SM90).name in names
+                    assert KernelSpec(op, 4, h, d, Arch.SM90, tile).name in names
 
 
 @pytest.mark.parametrize(

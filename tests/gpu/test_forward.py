@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import mhc_gen
 from generator.spec import DType, Op, parse
 from mhc_gen import reference
-from mhc_gen.ops import forced_variant, poisoned_outputs
+from mhc_gen._launch import forced_variant, poisoned_outputs
 from mhc_gen.testing import TOLERANCES, assert_close, bitwise_equal
 
 pytestmark = pytest.mark.gpu

@@ -4,33 +4,73 @@
 
 #include <stdint.h>
 
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MHC_ARGS_HD __host__ __device__ inline
+#else
+#define MHC_ARGS_HD inline
+#endif
+
 namespace mhc {
 
+// Tensor pointers, by role. mhc_gen/_args.py lists the same names in the same
+// order (tests/test_render.py checks), and Python passes them as one list.
+enum Ptr : int {
+  // forward inputs
+  kX,           // [T, n, C] x, in the variant's dtype
+  kY,           // [T, C] sublayer output, same dtype
+  kPhi,         // [n·C, m] fp32 projection (dynamic H)
+  kAlpha,       // [3] fp32: pre, post, res scales (dynamic H)
+  kBias,        // [m] fp32: b, or the static logits
+  kNormWeight,  // [C] fp32: the seed layer's RMSNorm weight
+  kHPostIn,     // [T, n] fp32: per-token H_post for post
+  kHResIn,      // [T, n, n] fp32: per-token H_res for post
+  // backward inputs
+  kGradOut,     // ∂x_next [T, n, C] (post) or ∂u [T, C] (pre), the variant's dtype
+  kGradHPreIn,  // [T, n] (or [n] static) fp32 upstream ∂H_pre; may be null
+  kGradHPostIn, // [T, n] fp32 upstream ∂H_post; may be null
+  kGradHResIn,  // [T, n, n] fp32 upstream ∂H_res; may be null
+  kZIn,         // [T, m] fp32 saved projection z = x̄·φ
+  kRIn,         // [T] fp32 saved RMS r
+  kGradLogitsIn,// [T, m] fp32 ∂z (phi-grad input)
+  // forward outputs
+  kOut,    // u [T, C] (pre) or x_next [T, n, C] (post, layer)
+  kHPre,   // [T, n] or [n]; may be null
+  kHPost,  // [T, n] or [n]; may be null
+  kHRes,   // [T, n, n] or [n, n]; may be null
+  kZOut,   // [T, m] fp32 z for the backward; may be null
+  kROut,   // [T] fp32 r for the backward; may be null
+  // backward outputs
+  kGradX,       // [T, n, C] variant dtype
+  kGradY,       // [T, C] variant dtype
+  kGradHPre,    // [T, n] fp32 per token
+  kGradHPost,   // [T, n] fp32 per token
+  kGradHRes,    // [T, n, n] fp32 per token
+  kGradLogits,  // [T, m] fp32 ∂h̃ (or [m] static)
+  kGradPhi,     // [n·C, m] fp32
+  kScratch,     // [T, iters, 2, n] fp32 Sinkhorn divisors
+  kNumPtrs
+};
+
 struct Args {
-  // Inputs. x: [T, n, C] in the variant's dtype; y: [T, C] same dtype.
-  const void* x;
-  const void* y;
-  const float* phi;          // [n·C, m] (dynamic H)
-  const float* alpha;        // [3]: pre, post, res (dynamic H)
-  const float* bias;         // [m]: b, or the static logits
-  const float* norm_weight;  // [C]: the layer's RMSNorm weight
-  const float* h_pre_in;     // post with per-token H: [T, n]
-  const float* h_post_in;    // [T, n]
-  const float* h_res_in;     // [T, n, n]
-  // Outputs. out: u [T, C] (pre) or x_next [T, n, C] (post, layer).
-  void* out;
-  float* h_pre;   // [T, n] or [n] for static; may be null
-  float* h_post;  // [T, n] or [n]
-  float* h_res;   // [T, n, n] or [n, n]
-  // Sizes and parameters.
+  const void* p[kNumPtrs];
   int64_t tokens;
   int64_t hidden;
   int n;
   int sinkhorn_iters;
+  int splits;  // phi_grad: token chunks, each summed into its own ∂φ slice
   float eps_rms;
   float eps_sk;
   float post_mult;
   void* stream;  // cudaStream_t / hipStream_t
+
+  template <typename T>
+  MHC_ARGS_HD const T* in(Ptr k) const {
+    return static_cast<const T*>(p[k]);
+  }
+  template <typename T>
+  MHC_ARGS_HD T* out(Ptr k) const {
+    return static_cast<T*>(const_cast<void*>(p[k]));
+  }
 };
 
 // Launchers return 0 on success, a CUDA/HIP error code, or one of these.

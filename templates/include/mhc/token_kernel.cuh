@@ -49,6 +49,7 @@ struct Shared {
   float h_res[SLOTS][NB][NB + 1];  // +1: a lane per row reads without bank conflicts
   float z[TM][num_logits(NB)];
   float sum_sq[TM];
+  float r[TM];
   float partial[kWarps][TM][logit_group<NB>()];
 };
 
@@ -81,7 +82,7 @@ MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt,
   constexpr int G = logit_group<NB>();
   const int m = num_logits(n);
   const int64_t K = int64_t(n) * C;
-  const T* x = static_cast<const T*>(a.x) + t0 * K;
+  const T* x = a.in<T>(kX) + t0 * K;
   float sq[TM];
 #pragma unroll
   for (int t = 0; t < TM; ++t) sq[t] = 0.0f;
@@ -101,7 +102,7 @@ MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt,
 #pragma unroll
         for (int t = 0; t < TM; ++t) sq[t] += xv[t] * xv[t];
       }
-      const float* phi_row = a.phi + k * m + col0;
+      const float* phi_row = a.in<float>(kPhi) + k * m + col0;
 #pragma unroll
       for (int q = 0; q < G; ++q) {
         if (q < cols) {
@@ -139,7 +140,7 @@ MHC_DEV void coefficients(const Args& a, int n, int slot, const float* z, float 
   float* M = &s.h_res[slot][0][0];
   float row_max = -__builtin_inff();
   if (lane < n)
-    row_max = coefficient_row(lane, n, z, r, a.alpha, a.bias, a.post_mult, s.h_pre[slot],
+    row_max = coefficient_row(lane, n, z, r, a.in<float>(kAlpha), a.in<float>(kBias), a.post_mult, s.h_pre[slot],
                               s.h_post[slot], M, ld);
   const float max_logit = warp_max(row_max);
   if (lane < n) sinkhorn_exp_row(M, ld, n, lane, max_logit);
@@ -152,16 +153,20 @@ MHC_DEV void coefficients(const Args& a, int n, int slot, const float* z, float 
   }
 }
 
-// Writes slot's H to global memory at token t (static H: t = 0).
+// Writes slot's H (and, for the backward, z and r) to global memory at token t.
 template <int NB, int TM, int SLOTS>
 MHC_DEV void store_coefficients(const Args& a, int n, int slot, int64_t t,
                                 const Shared<NB, TM, SLOTS>& s) {
   const int lane = threadIdx.x % kWarp;
+  const int m = num_logits(n);
+  if (float* z = a.out<float>(kZOut))
+    for (int k = lane; k < m; k += kWarp) z[t * m + k] = s.z[slot][k];
+  if (lane == 0 && a.out<float>(kROut)) a.out<float>(kROut)[t] = s.r[slot];
   if (lane >= n) return;
-  if (a.h_pre) a.h_pre[t * n + lane] = s.h_pre[slot][lane];
-  if (a.h_post) a.h_post[t * n + lane] = s.h_post[slot][lane];
-  if (a.h_res)
-    for (int j = 0; j < n; ++j) a.h_res[(t * n + lane) * n + j] = s.h_res[slot][lane][j];
+  if (float* h = a.out<float>(kHPre)) h[t * n + lane] = s.h_pre[slot][lane];
+  if (float* h = a.out<float>(kHPost)) h[t * n + lane] = s.h_post[slot][lane];
+  if (float* h = a.out<float>(kHRes))
+    for (int j = 0; j < n; ++j) h[(t * n + lane) * n + j] = s.h_res[slot][lane][j];
 }
 
 // Phase 3 for one token and one vector of VEC columns starting at c.
@@ -226,6 +231,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
     project<T, NB, TM, SLOTS>(a, n, C, t0, nt, s);
     for (int t = warp; t < nt; t += kWarps) {
       const float r = token_rms(s.sum_sq[t], int64_t(n) * C, a.eps_rms);
+      if (threadIdx.x % kWarp == 0) s.r[t] = r;
       coefficients<NB, TM, SLOTS>(a, n, t, s.z[t], r, s);
       if (blockIdx.y == 0) store_coefficients<NB, TM, SLOTS>(a, n, t, t0 + t, s);
     }
@@ -233,8 +239,8 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
     for (int idx = threadIdx.x; idx < nt * n; idx += kThreads) {
       const int t = idx / n, i = idx % n;
       const int64_t row = (t0 + t) * n + i;
-      s.h_post[t][i] = a.h_post_in[row];
-      for (int j = 0; j < n; ++j) s.h_res[t][i][j] = a.h_res_in[row * n + j];
+      s.h_post[t][i] = a.in<float>(kHPostIn)[row];
+      for (int j = 0; j < n; ++j) s.h_res[t][i][j] = a.in<float>(kHResIn)[row * n + j];
     }
   } else {
     if (warp == 0) {
@@ -249,8 +255,8 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
   const int64_t chunk = ((C + gridDim.y - 1) / gridDim.y + VEC - 1) / VEC * VEC;
   const int64_t c_lo = int64_t(blockIdx.y) * chunk;
   const int64_t c_hi = c_lo + chunk < C ? c_lo + chunk : C;
-  const T* x = static_cast<const T*>(a.x);
-  T* out = static_cast<T*>(a.out);
+  const T* x = a.in<T>(kX);
+  T* out = a.out<T>(kOut);
   const int64_t token_elems = int64_t(n) * C;
 
   if constexpr (OP == Op::Pre || OP == Op::Post) {
@@ -264,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
           pre_vector<T, NB, VEC>(xt, out + (t0 + t) * C, C, n, s.h_pre[hs], c);
         } else {
           float yv[VEC];
-          load_pack<T, VEC>(static_cast<const T*>(a.y) + (t0 + t) * C + c, yv);
+          load_pack<T, VEC>(a.in<T>(kY) + (t0 + t) * C + c, yv);
           post_vector<T, NB, VEC>(xt, yv, out + (t0 + t) * token_elems, C, n, s.h_post[hs],
                                   s.h_res[hs], c);
         }
@@ -328,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
             for (int v = 0; v < VEC; ++v) y[v] += s.h_pre[hs][j] * xv[v];
           }
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) y[v] = y[v] * inv_rms * a.norm_weight[c + v];
+        for (int v = 0; v < VEC; ++v) y[v] = y[v] * inv_rms * a.in<float>(kNormWeight)[c + v];
         post_vector<T, NB, VEC>(xt, y, out + (t0 + t) * token_elems, C, n, s.h_post[hs],
                                 s.h_res[hs], c);
       }
@@ -355,7 +361,8 @@ int launch(const Args& a) {
     constexpr int VEC = vec_width<T, n_bound<N>()>();
     const int vb = VEC * int(sizeof(T));
     const bool vec_ok =
-        a.hidden % VEC == 0 && aligned_to(a.x, vb) && aligned_to(a.y, vb) && aligned_to(a.out, vb);
+        a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) && aligned_to(a.p[kY], vb) &&
+                        aligned_to(a.p[kOut], vb);
     // Split C over grid.y where no reduction over C is needed: short token
     // counts still fill the GPU.
     const bool split = OP == Op::Post || (OP == Op::Pre && !DYN);

@@ -51,20 +51,56 @@ MHC_HD void sinkhorn_exp_row(float* M, int ld, int n, int i, float max_logit) {
   for (int j = 0; j < n; ++j) M[i * ld + j] = fast_exp(M[i * ld + j] - max_logit);
 }
 
-// M[:, j] /= (Σ_i M[i][j] + eps)
-MHC_HD void sinkhorn_col_step(float* M, int ld, int n, int j, float eps) {
+// M[:, j] /= (Σ_i M[i][j] + eps). Returns the divisor, which the backward needs.
+MHC_HD float sinkhorn_col_step(float* M, int ld, int n, int j, float eps) {
   float s = 0.0f;
   for (int i = 0; i < n; ++i) s += M[i * ld + j];
   const float d = s + eps;
   for (int i = 0; i < n; ++i) M[i * ld + j] /= d;
+  return d;
 }
 
-// M[i, :] /= (Σ_j M[i][j] + eps)
-MHC_HD void sinkhorn_row_step(float* M, int ld, int n, int i, float eps) {
+// M[i, :] /= (Σ_j M[i][j] + eps). Returns the divisor.
+MHC_HD float sinkhorn_row_step(float* M, int ld, int n, int i, float eps) {
   float s = 0.0f;
   for (int j = 0; j < n; ++j) s += M[i * ld + j];
   const float d = s + eps;
   for (int j = 0; j < n; ++j) M[i * ld + j] /= d;
+  return d;
+}
+
+// Backward of the column step Y = X / d (d = Σ_i X[i][j] + eps), column j:
+// ∂X[i][j] = (∂Y[i][j] − Σ_k ∂Y[k][j]·Y[k][j]) / d. M holds Y on entry and X
+// (= Y·d) on exit; dM holds ∂Y on entry and ∂X on exit.
+MHC_HD void sinkhorn_col_step_bwd(float* M, float* dM, int ld, int n, int j, float d) {
+  float dot = 0.0f;
+  for (int k = 0; k < n; ++k) dot += dM[k * ld + j] * M[k * ld + j];
+  for (int i = 0; i < n; ++i) {
+    dM[i * ld + j] = (dM[i * ld + j] - dot) / d;
+    M[i * ld + j] *= d;
+  }
+}
+
+// Backward of the row step, row i (same contract as the column step).
+MHC_HD void sinkhorn_row_step_bwd(float* M, float* dM, int ld, int n, int i, float d) {
+  float dot = 0.0f;
+  for (int k = 0; k < n; ++k) dot += dM[i * ld + k] * M[i * ld + k];
+  for (int j = 0; j < n; ++j) {
+    dM[i * ld + j] = (dM[i * ld + j] - dot) / d;
+    M[i * ld + j] *= d;
+  }
+}
+
+// Backward of M0 = exp(L − max L) for row i: ∂L = ∂M0 ⊙ M0 (the max is a
+// constant shift with no gradient). dM holds ∂M0 on entry and ∂L on exit.
+MHC_HD void sinkhorn_exp_row_bwd(const float* M0, float* dM, int ld, int n, int i) {
+  for (int j = 0; j < n; ++j) dM[i * ld + j] *= M0[i * ld + j];
+}
+
+// Gate gradients of row i: ∂h̃_pre[i] and ∂h̃_post[i] from ∂H and H.
+MHC_HD float pre_gate_bwd(float grad_h, float h) { return grad_h * h * (1.0f - h); }
+MHC_HD float post_gate_bwd(float grad_h, float h, float post_mult) {
+  return grad_h * h * (1.0f - h / post_mult);
 }
 
 }  // namespace mhc

@@ -1,0 +1,123 @@
+"""Kernel launching: device -> arch -> selected variant -> one dispatch call.
+
+GPU only and without autograd; mhc_gen.library wraps these as torch ops.
+Nothing here syncs the host: pointers, sizes and the current stream go to
+the dispatch module, which launches and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import re
+
+import torch
+
+from generator.render import INCLUDE
+from generator.spec import DType, Op, parse
+
+from . import _loader
+from .select import arch_for_capability, arch_for_gcn, select
+
+DTYPES = {torch.bfloat16: DType.BF16, torch.float16: DType.FP16, torch.float32: DType.FP32}
+
+
+def _pointer_names() -> tuple[str, ...]:
+    """mhc::Ptr's enumerators, in order, as snake_case: kGradHPreIn -> grad_h_pre_in."""
+    text = (INCLUDE / "mhc" / "args.h").read_text()
+    body = text[text.index("enum Ptr : int {") : text.index("kNumPtrs")]
+    names = re.findall(r"^\s+k([A-Za-z]+)\s*,", body, re.M)
+    return tuple(re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower() for n in names)
+
+
+POINTERS = _pointer_names()
+_SLOT = {name: i for i, name in enumerate(POINTERS)}
+
+_POISON = contextvars.ContextVar("mhc_gen_poison_outputs", default=False)
+_FORCED = contextvars.ContextVar("mhc_gen_forced_variants", default=frozenset())
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Within this context GPU outputs start as NaN, so an unwritten element shows."""
+    token = _POISON.set(True)
+    try:
+        yield
+    finally:
+        _POISON.reset(token)
+
+
+@contextlib.contextmanager
+def forced_variant(*names: str):
+    """Within this context each op named runs exactly that variant instead of
+    the selected one (tests use it to cover every variant)."""
+    for name in names:
+        parse(name)
+    token = _FORCED.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def empty(shape, dtype, device):
+    if _POISON.get():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.cache
+def device_arch(device_index: int):
+    if torch.version.hip:
+        props = torch.cuda.get_device_properties(device_index)
+        return "hip", arch_for_gcn(props.gcnArchName)
+    return "cuda", arch_for_capability(*torch.cuda.get_device_capability(device_index))
+
+
+@functools.cache
+def _selected(op: Op, n: int, hidden: int, dtype: DType, device_index: int):
+    backend, arch = device_arch(device_index)
+    mod = _loader.module(backend)
+    if mod is None:
+        raise RuntimeError(
+            f"mhc_gen: no {backend} kernels are built; run python build.py --arch {arch.value}"
+        )
+    spec = select(op, n, hidden, dtype, arch, _loader.table(backend))
+    return mod.launch, _loader.table(backend)[spec.name]
+
+
+def _variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int):
+    launch, index = _selected(op, n, hidden, dtype, device_index)
+    for name in _FORCED.get():
+        if parse(name).op is op:
+            return launch, _loader.table(device_arch(device_index)[0])[name]
+    return launch, index
+
+
+def launch(
+    op: Op,
+    device: torch.device,
+    dtype: DType,
+    *,
+    n: int,
+    hidden: int,
+    tokens: int,
+    sinkhorn_iters: int = 20,
+    eps_rms: float = 1e-6,
+    eps_sk: float = 1e-6,
+    post_mult: float = 2.0,
+    splits: int = 1,
+    **tensors,
+) -> None:
+    """Launches the variant for (op, n, hidden, dtype) on device's current stream.
+    ``tensors`` maps mhc::Ptr names (snake_case) to tensors or None."""
+    fn, index = _variant(op, n, hidden, dtype, device.index)
+    ptrs = [0] * len(POINTERS)
+    for name, t in tensors.items():
+        if t is not None:
+            ptrs[_SLOT[name]] = t.data_ptr()
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        fn(index, ptrs, tokens, hidden, n, int(sinkhorn_iters), int(splits), float(eps_rms),
+           float(eps_sk), float(post_mult), stream)  # fmt: skip

@@ -1,0 +1,426 @@
+"""mhc_gen's torch.library custom ops (``torch.ops.mhc_gen.*``).
+
+Each op has a fake (meta) implementation for torch.compile, a GPU
+implementation (mhc_gen.gpu) and a CPU implementation (mhc_gen.reference;
+backward ops differentiate the reference with autograd). Forward ops register
+their autograd here; their backward formulas are themselves custom ops and
+torch ops, so AOTAutograd traces them and CUDA graphs capture them.
+
+All ops take x as [T, n, C]; mhc_gen.ops validates and flattens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import gpu
+from . import reference as R
+
+_LIB = "mhc_gen"
+
+
+def _on_cpu(t: Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _ref_grads(fn, inputs, outputs_grads):
+    """Gradients of fn(*inputs) w.r.t. inputs through the reference (CPU ops).
+    torch.func.vjp, because autograd does not record inside an op's kernel."""
+    outs, vjp = torch.func.vjp(lambda *a: fn(*a), *inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    cot = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype)
+                for o, g in zip(outs, outputs_grads, strict=True))  # fmt: skip
+    grads = vjp(cot if len(cot) > 1 else cot[0])
+    return list(grads)
+
+
+def _c(t: Tensor | None) -> Tensor | None:
+    """Kernels read dense memory: upstream grads may be expanded or strided."""
+    return None if t is None else t.contiguous()
+
+
+def _kw(iters, eps_sk, post_mult):
+    return dict(sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult)
+
+
+# ================================================================ coefficients
+
+
+@torch.library.custom_op(f"{_LIB}::dynamic_coefficients", mutates_args=())
+def dynamic_coefficients(
+    x: Tensor, phi: Tensor, alpha: Tensor, b: Tensor, iters: int, eps_rms: float, eps_sk: float,
+    post_mult: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(H_pre, H_post, H_res, z, r) per token."""
+    if _on_cpu(x):
+        z, r = R.projection(x, phi, eps_rms=eps_rms)
+        n = x.shape[1]
+        logits = R.logits_from_projection(z, r, alpha, b, n)
+        h = R.coefficients_from_logits(logits, n, **_kw(iters, eps_sk, post_mult))
+        return (*h, z, r)
+    return gpu.dynamic_coefficients(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult)
+
+
+def _coeff_fakes(x: Tensor):
+    t, n, _ = x.shape
+    f = dict(dtype=R._math_dtype(x.dtype), device=x.device)
+    m = R.num_logits(n)
+    h = (x.new_empty((t, n), **f), x.new_empty((t, n), **f), x.new_empty((t, n, n), **f))
+    return (*h, x.new_empty((t, m), **f), x.new_empty((t,), **f))
+
+
+@dynamic_coefficients.register_fake
+def _(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
+    return _coeff_fakes(x)
+
+
+@torch.library.custom_op(f"{_LIB}::static_coefficients", mutates_args=())
+def static_coefficients(
+    b: Tensor, n: int, iters: int, eps_sk: float, post_mult: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _on_cpu(b):
+        return R.static_coefficients(b, n, **_kw(iters, eps_sk, post_mult))
+    return gpu.static_coefficients(b, n, iters, eps_sk, post_mult)
+
+
+@static_coefficients.register_fake
+def _(b, n, iters, eps_sk, post_mult):
+    dt = R._math_dtype(b.dtype)
+    return b.new_empty((n,), dtype=dt), b.new_empty((n,), dtype=dt), b.new_empty((n, n), dtype=dt)
+
+
+@torch.library.custom_op(f"{_LIB}::static_coefficients_backward", mutates_args=())
+def static_coefficients_backward(
+    grad_h_pre: Tensor | None, grad_h_post: Tensor | None, grad_h_res: Tensor | None,
+    b: Tensor, n: int, iters: int, eps_sk: float, post_mult: float,
+) -> Tensor:  # fmt: skip
+    if _on_cpu(b):
+        fn = lambda b_: R.static_coefficients(b_, n, **_kw(iters, eps_sk, post_mult))  # noqa: E731
+        return _ref_grads(fn, [b], [grad_h_pre, grad_h_post, grad_h_res])[0]
+    return gpu.static_coefficients_backward(
+        grad_h_pre, grad_h_post, grad_h_res, b, n, iters, eps_sk, post_mult
+    )
+
+
+@static_coefficients_backward.register_fake
+def _(grad_h_pre, grad_h_post, grad_h_res, b, n, iters, eps_sk, post_mult):
+    return torch.empty_like(b)
+
+
+def _static_coefficients_setup(ctx, inputs, output):
+    b, n, iters, eps_sk, post_mult = inputs
+    ctx.save_for_backward(b)
+    ctx.cfg = (n, iters, eps_sk, post_mult)
+
+
+def _static_coefficients_bwd(ctx, g_pre, g_post, g_res):
+    (b,) = ctx.saved_tensors
+    db = static_coefficients_backward(_c(g_pre), _c(g_post), _c(g_res), b, *ctx.cfg)
+    return db, None, None, None, None
+
+
+static_coefficients.register_autograd(
+    _static_coefficients_bwd, setup_context=_static_coefficients_setup
+)
+
+
+# ================================================================ pre
+
+
+@torch.library.custom_op(f"{_LIB}::pre_dynamic", mutates_args=())
+def pre_dynamic(
+    x: Tensor, phi: Tensor, alpha: Tensor, b: Tensor, iters: int, eps_rms: float, eps_sk: float,
+    post_mult: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(u, H_pre, H_post, H_res, z, r)."""
+    if _on_cpu(x):
+        h_pre, h_post, h_res, z, r = dynamic_coefficients(
+            x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult
+        )
+        return R.pre(x, h_pre), h_pre, h_post, h_res, z, r
+    return gpu.pre_dynamic(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult)
+
+
+@pre_dynamic.register_fake
+def _(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
+    return (x.new_empty((x.shape[0], x.shape[2])), *_coeff_fakes(x))
+
+
+@torch.library.custom_op(f"{_LIB}::pre_dynamic_backward", mutates_args=())
+def pre_dynamic_backward(
+    grad_u: Tensor | None, grad_h_pre: Tensor | None, grad_h_post: Tensor | None,
+    grad_h_res: Tensor | None, x: Tensor, z: Tensor, r: Tensor, phi: Tensor, alpha: Tensor,
+    b: Tensor, iters: int, eps_rms: float, eps_sk: float, post_mult: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(∂x, ∂φ, ∂α, ∂b); grad_u None: the backward of the coefficients alone."""
+    if _on_cpu(x):
+
+        def fn(x_, phi_, alpha_, b_):
+            h = R.dynamic_coefficients(x_, phi_, alpha_, b_, eps_rms=eps_rms,
+                                       **_kw(iters, eps_sk, post_mult))  # fmt: skip
+            return (R.pre(x_, h[0]), *h)
+
+        return tuple(
+            _ref_grads(fn, [x, phi, alpha, b], [grad_u, grad_h_pre, grad_h_post, grad_h_res])
+        )
+    return gpu.pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, phi,
+                                    alpha, b, iters, eps_rms, eps_sk, post_mult)  # fmt: skip
+
+
+@pre_dynamic_backward.register_fake
+def _(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, phi, alpha, b, *cfg):
+    return (torch.empty_like(x), torch.empty_like(phi), torch.empty_like(alpha),
+            torch.empty_like(b))  # fmt: skip
+
+
+def _dynamic_setup(ctx, inputs, output):
+    x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult = inputs
+    z, r = output[-2:]
+    ctx.save_for_backward(x, z, r, phi, alpha, b)
+    ctx.cfg = (iters, eps_rms, eps_sk, post_mult)
+
+
+def _pre_dynamic_bwd(ctx, g_u, g_pre, g_post, g_res, _gz, _gr):
+    x, z, r, phi, alpha, b = ctx.saved_tensors
+    dx, dphi, dalpha, db = pre_dynamic_backward(
+        _c(g_u), _c(g_pre), _c(g_post), _c(g_res), x, z, r, phi, alpha, b, *ctx.cfg
+    )
+    return dx, dphi, dalpha, db, None, None, None, None
+
+
+def _dynamic_coefficients_bwd(ctx, g_pre, g_post, g_res, _gz, _gr):
+    x, z, r, phi, alpha, b = ctx.saved_tensors
+    dx, dphi, dalpha, db = pre_dynamic_backward(
+        None, _c(g_pre), _c(g_post), _c(g_res), x, z, r, phi, alpha, b, *ctx.cfg
+    )
+    return dx, dphi, dalpha, db, None, None, None, None
+
+
+pre_dynamic.register_autograd(_pre_dynamic_bwd, setup_context=_dynamic_setup)
+dynamic_coefficients.register_autograd(_dynamic_coefficients_bwd, setup_context=_dynamic_setup)
+
+
+@torch.library.custom_op(f"{_LIB}::pre_static", mutates_args=())
+def pre_static(x: Tensor, b: Tensor, iters: int, eps_sk: float, post_mult: float) -> Tensor:
+    if _on_cpu(x):
+        return R.pre(x, R.static_coefficients(b, x.shape[1], **_kw(iters, eps_sk, post_mult))[0])
+    return gpu.pre_static(x, b, iters, eps_sk, post_mult)
+
+
+@pre_static.register_fake
+def _(x, b, iters, eps_sk, post_mult):
+    return x.new_empty((x.shape[0], x.shape[2]))
+
+
+@torch.library.custom_op(f"{_LIB}::pre_static_backward", mutates_args=())
+def pre_static_backward(
+    grad_u: Tensor, x: Tensor, b: Tensor, iters: int, eps_sk: float, post_mult: float
+) -> tuple[Tensor, Tensor]:
+    if _on_cpu(x):
+        kw = _kw(iters, eps_sk, post_mult)
+        fn = lambda x_, b_: R.pre(x_, R.static_coefficients(b_, x.shape[1], **kw)[0])  # noqa: E731
+        return tuple(_ref_grads(fn, [x, b], [grad_u]))
+    return gpu.pre_static_backward(grad_u, x, b, iters, eps_sk, post_mult)
+
+
+@pre_static_backward.register_fake
+def _(grad_u, x, b, iters, eps_sk, post_mult):
+    return torch.empty_like(x), torch.empty_like(b)
+
+
+def _static_setup(ctx, inputs, output):
+    ctx.save_for_backward(*[t for t in inputs if isinstance(t, Tensor)])
+    ctx.cfg = tuple(v for v in inputs if not isinstance(v, Tensor))
+
+
+def _pre_static_bwd(ctx, g_u):
+    x, b = ctx.saved_tensors
+    dx, db = pre_static_backward(_c(g_u), x, b, *ctx.cfg)
+    return dx, db, None, None, None
+
+
+pre_static.register_autograd(_pre_static_bwd, setup_context=_static_setup)
+
+
+# ================================================================ post
+
+
+@torch.library.custom_op(f"{_LIB}::post_dynamic", mutates_args=())
+def post_dynamic(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    if _on_cpu(x):
+        return R.post(x, y, h_post, h_res)
+    return gpu.post_dynamic(x, y, h_post, h_res)
+
+
+@post_dynamic.register_fake
+def _(x, y, h_post, h_res):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{_LIB}::post_dynamic_backward", mutates_args=())
+def post_dynamic_backward(
+    grad: Tensor, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if _on_cpu(x):
+        return tuple(_ref_grads(R.post, [x, y, h_post, h_res], [grad]))
+    return gpu.post_dynamic_backward(grad, x, y, h_post, h_res)
+
+
+@post_dynamic_backward.register_fake
+def _(grad, x, y, h_post, h_res):
+    return (torch.empty_like(x), torch.empty_like(y), torch.empty_like(h_post),
+            torch.empty_like(h_res))  # fmt: skip
+
+
+def _post_dynamic_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _post_dynamic_bwd(ctx, g):
+    return post_dynamic_backward(_c(g), *ctx.saved_tensors)
+
+
+post_dynamic.register_autograd(_post_dynamic_bwd, setup_context=_post_dynamic_setup)
+
+
+@torch.library.custom_op(f"{_LIB}::post_static", mutates_args=())
+def post_static(
+    x: Tensor, y: Tensor, b: Tensor, iters: int, eps_sk: float, post_mult: float
+) -> Tensor:
+    if _on_cpu(x):
+        _, h_post, h_res = R.static_coefficients(b, x.shape[1], **_kw(iters, eps_sk, post_mult))
+        return R.post(x, y, h_post, h_res)
+    return gpu.post_static(x, y, b, iters, eps_sk, post_mult)
+
+
+@post_static.register_fake
+def _(x, y, b, iters, eps_sk, post_mult):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op(f"{_LIB}::post_static_backward", mutates_args=())
+def post_static_backward(
+    grad: Tensor, x: Tensor, y: Tensor, b: Tensor, iters: int, eps_sk: float, post_mult: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    if _on_cpu(x):
+        kw = _kw(iters, eps_sk, post_mult)
+
+        def fn(x_, y_, b_):
+            _, h_post, h_res = R.static_coefficients(b_, x.shape[1], **kw)
+            return R.post(x_, y_, h_post, h_res)
+
+        return tuple(_ref_grads(fn, [x, y, b], [grad]))
+    return gpu.post_static_backward(grad, x, y, b, iters, eps_sk, post_mult)
+
+
+@post_static_backward.register_fake
+def _(grad, x, y, b, iters, eps_sk, post_mult):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(b)
+
+
+def _post_static_bwd(ctx, g):
+    x, y, b = ctx.saved_tensors
+    dx, dy, db = post_static_backward(_c(g), x, y, b, *ctx.cfg)
+    return dx, dy, db, None, None, None
+
+
+post_static.register_autograd(_post_static_bwd, setup_context=_static_setup)
+
+
+# ================================================================ the seed's layer
+# Forward: one fused kernel. Backward: recompute H and u, then post's backward,
+# RMSNorm's backward (torch ops, fp32) and pre's backward.
+
+
+def _rms_norm_parts(x, h_pre, weight, eps_rms):
+    """u, 1/rms(u), y = u·s·w in ≥ fp32, for the recomputation."""
+    dt = R._math_dtype(x.dtype)
+    u = torch.einsum("tn,tnc->tc", h_pre.to(dt), x.to(dt))
+    s = torch.rsqrt(u.square().mean(-1, keepdim=True) + eps_rms)
+    return u, s, u * s * weight
+
+
+def _rms_norm_backward(dy, u, s, weight):
+    """(∂u, ∂w) of y = u·s·w with s = 1/sqrt(mean(u²) + eps)."""
+    g = dy.to(u.dtype) * weight
+    du = s * g - u * s.pow(3) * (g * u).mean(-1, keepdim=True)
+    return du, (dy.to(u.dtype) * u * s).sum(0)
+
+
+@torch.library.custom_op(f"{_LIB}::layer_dynamic", mutates_args=())
+def layer_dynamic(
+    x: Tensor, weight: Tensor, phi: Tensor, alpha: Tensor, b: Tensor, iters: int, eps_rms: float,
+    eps_sk: float, post_mult: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(x_next, z, r)."""
+    if _on_cpu(x):
+        z, r = R.projection(x, phi, eps_rms=eps_rms)
+        n = x.shape[1]
+        h = R.coefficients_from_logits(
+            R.logits_from_projection(z, r, alpha, b, n), n, **_kw(iters, eps_sk, post_mult)
+        )
+        return R.layer(x, weight, *h, eps_rms=eps_rms), z, r
+    return gpu.layer_dynamic(x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult)
+
+
+@layer_dynamic.register_fake
+def _(x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
+    return torch.empty_like(x), *_coeff_fakes(x)[3:]
+
+
+def _layer_dynamic_setup(ctx, inputs, output):
+    x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult = inputs
+    ctx.save_for_backward(x, weight, phi, alpha, b, output[1], output[2])
+    ctx.cfg = (iters, eps_rms, eps_sk, post_mult)
+
+
+def _layer_dynamic_bwd(ctx, g, _gz, _gr):
+    x, weight, phi, alpha, b, z, r = ctx.saved_tensors
+    iters, eps_rms, eps_sk, post_mult = ctx.cfg
+    h_pre, h_post, h_res, _, _ = dynamic_coefficients(x, phi, alpha, b, *ctx.cfg)
+    u, s, y = _rms_norm_parts(x, h_pre, weight, eps_rms)
+    dx_post, dy, dh_post, dh_res = post_dynamic_backward(_c(g), x, y.to(x.dtype), h_post, h_res)
+    du, dweight = _rms_norm_backward(dy, u, s, weight)
+    dx_pre, dphi, dalpha, db = pre_dynamic_backward(
+        du.to(x.dtype), None, dh_post, dh_res, x, z, r, phi, alpha, b, *ctx.cfg
+    )
+    dx = (dx_post.to(u.dtype) + dx_pre.to(u.dtype)).to(x.dtype)
+    return dx, dweight, dphi, dalpha, db, None, None, None, None
+
+
+layer_dynamic.register_autograd(_layer_dynamic_bwd, setup_context=_layer_dynamic_setup)
+
+
+@torch.library.custom_op(f"{_LIB}::layer_static", mutates_args=())
+def layer_static(
+    x: Tensor, weight: Tensor, b: Tensor, iters: int, eps_rms: float, eps_sk: float,
+    post_mult: float,
+) -> Tensor:  # fmt: skip
+    if _on_cpu(x):
+        h = R.static_coefficients(b, x.shape[1], **_kw(iters, eps_sk, post_mult))
+        return R.layer(x, weight, *h, eps_rms=eps_rms)
+    return gpu.layer_static(x, weight, b, iters, eps_rms, eps_sk, post_mult)
+
+
+@layer_static.register_fake
+def _(x, weight, b, iters, eps_rms, eps_sk, post_mult):
+    return torch.empty_like(x)
+
+
+def _layer_static_bwd(ctx, g):
+    x, weight, b = ctx.saved_tensors
+    iters, eps_rms, eps_sk, post_mult = ctx.cfg
+    n = x.shape[1]
+    h_pre, _, _ = static_coefficients(b, n, iters, eps_sk, post_mult)
+    u, s, y = _rms_norm_parts(x, h_pre.expand(x.shape[0], n), weight, eps_rms)
+    dx_post, dy, db_post = post_static_backward(
+        _c(g), x, y.to(x.dtype), b, iters, eps_sk, post_mult
+    )
+    du, dweight = _rms_norm_backward(dy, u, s, weight)
+    dx_pre, db_pre = pre_static_backward(du.to(x.dtype), x, b, iters, eps_sk, post_mult)
+    dx = (dx_post.to(u.dtype) + dx_pre.to(u.dtype)).to(x.dtype)
+    return dx, dweight, db_post + db_pre, None, None, None, None
+
+
+layer_static.register_autograd(_layer_static_bwd, setup_context=_static_setup)

@@ -1,0 +1,447 @@
+// The backward kernel family. Per token it mirrors token_kernel.cuh:
+//
+//   post_bwd   ∂y = H_postᵀ·G, ∂x = H_resᵀ·G, ∂H_post = G·y, ∂H_res = G·xᵀ
+//   pre_bwd    ∂H_pre = ∂u·xᵀ; dynamic H: the coefficient backward (exact
+//              Sinkhorn backward, recomputed from the saved z and r) and
+//              ∂x = H_pre·∂u + ∂z·φᵀ + ∂r·x̄/(nC·r)
+//   coeffs_bwd the static H's ∂b from token-summed ∂H (one warp)
+//   phi_grad   ∂φ = Σ_t x̄_tᵀ·∂z_t, tokens split in fixed chunks
+//
+// Every reduction has a fixed order (warp shuffles, then warps in index
+// order, then tokens in index order): gradients are bitwise reproducible.
+#pragma once
+
+#include "token_kernel.cuh"
+
+namespace mhc {
+
+// Each warp's sum of v[k] into partial[warp][k]; ends with a block barrier.
+template <int K>
+MHC_DEV void warp_partials(const float (&v)[K], float (*partial)[K]) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const float w = warp_sum(v[k]);
+    if (lane == 0) partial[warp][k] = w;
+  }
+  __syncthreads();
+}
+
+// Σ over warps, in warp order, of partial[·][k].
+template <int K>
+MHC_DEV float sum_partials(const float (*partial)[K], int k) {
+  float acc = 0.0f;
+  for (int w = 0; w < kWarps; ++w) acc += partial[w][k];
+  return acc;
+}
+
+// Sums v[k] over the block for k < count into dst[k]; partial is shared scratch.
+template <int K>
+MHC_DEV void block_sum_to(const float (&v)[K], float (*partial)[K], float* dst, int count) {
+  warp_partials<K>(v, partial);
+  for (int k = threadIdx.x; k < count; k += kThreads) dst[k] = sum_partials<K>(partial, k);
+  __syncthreads();
+}
+
+// One warp: recompute one token's coefficients from its logits (z null: static
+// H from the bias), recording the Sinkhorn divisors in scratch, then walk the
+// iterations back. grad_h_* are the upstream ∂H (any may be null). On return
+// H_pre, H_post sit in h_pre, h_post, and dlogits[0..m) holds ∂h̃.
+template <int NB>
+MHC_DEV void coefficients_backward(const Args& a, int n, const float* z, float r, float* scratch,
+                                   const float* grad_h_pre, const float* grad_h_post,
+                                   const float* grad_h_res, float* h_pre, float* h_post,
+                                   float (*M)[NB + 1], float (*dM)[NB + 1], float* dlogits) {
+  const int lane = threadIdx.x % kWarp;
+  constexpr int ld = NB + 1;
+  const int iters = a.sinkhorn_iters;
+  float row_max = -__builtin_inff();
+  if (lane < n)
+    row_max = coefficient_row(lane, n, z, r, a.in<float>(kAlpha), a.in<float>(kBias),
+                              a.post_mult, h_pre, h_post, &M[0][0], ld);
+  const float max_logit = warp_max(row_max);
+  if (lane < n) sinkhorn_exp_row(&M[0][0], ld, n, lane, max_logit);
+  sync_warp();
+  for (int it = 0; it < iters; ++it) {
+    if (lane < n) scratch[(2 * it) * n + lane] = sinkhorn_col_step(&M[0][0], ld, n, lane, a.eps_sk);
+    sync_warp();
+    if (lane < n)
+      scratch[(2 * it + 1) * n + lane] = sinkhorn_row_step(&M[0][0], ld, n, lane, a.eps_sk);
+    sync_warp();
+  }
+  if (lane < n)
+    for (int j = 0; j < n; ++j) dM[lane][j] = grad_h_res ? grad_h_res[lane * n + j] : 0.0f;
+  sync_warp();
+  for (int it = iters - 1; it >= 0; --it) {
+    if (lane < n)
+      sinkhorn_row_step_bwd(&M[0][0], &dM[0][0], ld, n, lane, scratch[(2 * it + 1) * n + lane]);
+    sync_warp();
+    if (lane < n)
+      sinkhorn_col_step_bwd(&M[0][0], &dM[0][0], ld, n, lane, scratch[(2 * it) * n + lane]);
+    sync_warp();
+  }
+  if (lane < n) {
+    sinkhorn_exp_row_bwd(&M[0][0], &dM[0][0], ld, n, lane);
+    dlogits[lane] = pre_gate_bwd(grad_h_pre ? grad_h_pre[lane] : 0.0f, h_pre[lane]);
+    dlogits[n + lane] =
+        post_gate_bwd(grad_h_post ? grad_h_post[lane] : 0.0f, h_post[lane], a.post_mult);
+    for (int j = 0; j < n; ++j) dlogits[2 * n + lane * n + j] = dM[lane][j];
+  }
+  sync_warp();
+}
+
+// ---------------------------------------------------------------- post
+
+template <int NB, int TM>
+struct PostBwdShared {
+  float h_post[TM][NB];
+  float h_res[TM][NB][NB + 1];
+  float partial[kWarps][NB * NB <= 64 ? NB * NB : NB];
+  float partial_post[kWarps][NB];
+};
+
+template <typename T, int N, int HIDDEN, int TM, bool DYN, int VEC>
+__global__ void __launch_bounds__(kThreads) post_bwd_kernel(Args a) {
+  constexpr int NB = n_bound<N>();
+  constexpr bool kSmallN = NB * NB <= 64;  // ∂H_res accumulated in one pass
+  __shared__ PostBwdShared<NB, TM> s;
+  const int n = N ? N : a.n;
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t t0 = int64_t(blockIdx.x) * TM;
+  const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
+
+  if constexpr (DYN) {
+    for (int idx = threadIdx.x; idx < nt * n; idx += kThreads) {
+      const int t = idx / n, i = idx % n;
+      const int64_t row = (t0 + t) * n + i;
+      s.h_post[t][i] = a.in<float>(kHPostIn)[row];
+      for (int j = 0; j < n; ++j) s.h_res[t][i][j] = a.in<float>(kHResIn)[row * n + j];
+    }
+  }
+  if constexpr (!DYN) {
+    // Static H from the logits, by the forward's own code: the same bits.
+    __shared__ Shared<NB, 1, 1> hs;
+    if (threadIdx.x < kWarp) coefficients<NB, 1, 1>(a, n, 0, nullptr, 1.0f, hs);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < n * n; idx += kThreads) {
+      const int i = idx / n, j = idx % n;
+      s.h_res[0][i][j] = hs.h_res[0][i][j];
+      if (j == 0) s.h_post[0][i] = hs.h_post[0][i];
+    }
+  }
+  __syncthreads();
+
+  const T* x = a.in<T>(kX);
+  const T* y = a.in<T>(kY);
+  const T* g = a.in<T>(kGradOut);
+  T* dx = a.out<T>(kGradX);
+  T* dy = a.out<T>(kGradY);
+  const int64_t token_elems = int64_t(n) * C;
+  for (int t = 0; t < nt; ++t) {
+    const int hs = DYN ? t : 0;
+    const int64_t tok = t0 + t;
+    const T* xt = x + tok * token_elems;
+    const T* gt = g + tok * token_elems;
+    float acc_post[NB];
+    float acc_res[kSmallN ? NB * NB : 1];
+#pragma unroll
+    for (int i = 0; i < NB; ++i) acc_post[i] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < (kSmallN ? NB * NB : 1); ++k) acc_res[k] = 0.0f;
+    for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
+      float gs[NB][VEC], yv[VEC], o[VEC];
+      load_pack<T, VEC>(y + tok * C + c, yv);
+#pragma unroll
+      for (int i = 0; i < NB; ++i)
+        if (i < n) load_pack<T, VEC>(gt + i * C + c, gs[i]);
+      // ∂y = Σ_i H_post[i]·G[i]
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) o[v] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < NB; ++i)
+        if (i < n) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            o[v] += s.h_post[hs][i] * gs[i][v];
+            acc_post[i] += gs[i][v] * yv[v];
+          }
+        }
+      store_pack<T, VEC>(dy + tok * C + c, o);
+      // ∂x[j] = Σ_i H_res[i][j]·G[i]
+      constexpr int kColUnroll = NB <= 8 ? NB : 1;
+#pragma unroll kColUnroll
+      for (int j = 0; j < NB; ++j) {
+        if (j >= n) break;
+        float xv[VEC];
+        load_pack<T, VEC>(xt + j * C + c, xv);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) o[v] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NB; ++i)
+          if (i < n) {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) o[v] += s.h_res[hs][i][j] * gs[i][v];
+          }
+        store_pack<T, VEC>(dx + tok * token_elems + j * C + c, o);
+        if constexpr (kSmallN) {
+#pragma unroll
+          for (int i = 0; i < NB; ++i)
+            if (i < n) {
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) acc_res[i * NB + j] += gs[i][v] * xv[v];
+            }
+        }
+      }
+    }
+    block_sum_to<NB>(acc_post, s.partial_post, a.out<float>(kGradHPost) + tok * n, n);
+    if constexpr (kSmallN) {
+      // acc_res is indexed (i, j) with row length NB; ∂H_res rows have length n.
+      warp_partials<NB * NB>(acc_res, s.partial);
+      float* dst = a.out<float>(kGradHRes) + tok * n * n;
+      for (int k = threadIdx.x; k < n * n; k += kThreads)
+        dst[k] = sum_partials<NB * NB>(s.partial, (k / n) * NB + k % n);
+      __syncthreads();
+    } else {
+      // Large n: one row of ∂H_res per pass over C keeps NB accumulators.
+      for (int i = 0; i < n; ++i) {
+        float acc[NB];
+#pragma unroll
+        for (int j = 0; j < NB; ++j) acc[j] = 0.0f;
+        for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+          const float gi = to_float(gt[i * C + c]);
+#pragma unroll
+          for (int j = 0; j < NB; ++j)
+            if (j < n) acc[j] += gi * to_float(xt[j * C + c]);
+        }
+        block_sum_to<NB>(acc, s.partial, a.out<float>(kGradHRes) + (tok * n + i) * n, n);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- pre
+
+template <int NB, int TM>
+struct PreBwdShared {
+  float h_pre[TM][NB];
+  float h_post[TM][NB];
+  float grad_h_pre[TM][NB];
+  float M[TM][NB][NB + 1];
+  float dM[TM][NB][NB + 1];
+  float dz[TM][num_logits(NB)];  // ∂h̃, then ∂z = α·∂h̃/r
+  float r[TM];
+  float dr[TM];  // ∂r / (n·C·r): the factor of x̄ in ∂x̄
+  float partial[kWarps][TM * NB];
+};
+
+template <typename T, int N, int HIDDEN, int TM, bool DYN, int VEC>
+__global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
+  constexpr int NB = n_bound<N>();
+  __shared__ PreBwdShared<NB, DYN ? TM : 1> s;
+  const int n = N ? N : a.n;
+  const int m = num_logits(n);
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t t0 = int64_t(blockIdx.x) * TM;
+  const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
+  const int64_t K = int64_t(n) * C;
+  const int warp = threadIdx.x / kWarp;
+  const T* x = a.in<T>(kX) + t0 * K;
+  const T* du = a.in<T>(kGradOut);
+
+  // Phase 1: ∂H_pre[t][j] = ⟨∂u_t, x_t[j]⟩, per token, to global memory.
+  if (du) {
+    float acc[TM * NB];
+#pragma unroll
+    for (int k = 0; k < TM * NB; ++k) acc[k] = 0.0f;
+    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+#pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        if (t >= nt) break;
+        const float g = to_float(du[(t0 + t) * C + c]);
+#pragma unroll
+        for (int j = 0; j < NB; ++j)
+          if (j < n) acc[t * NB + j] += g * to_float(x[t * K + j * C + c]);
+      }
+    }
+    const int lane = threadIdx.x % kWarp;
+#pragma unroll
+    for (int k = 0; k < TM * NB; ++k) {
+      const float w = warp_sum(acc[k]);
+      if (lane == 0) s.partial[warp][k] = w;
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < nt * n; k += kThreads) {
+      const int t = k / n, j = k % n;
+      float total = 0.0f;
+      for (int w = 0; w < kWarps; ++w) total += s.partial[w][t * NB + j];
+      if (a.out<float>(kGradHPre)) a.out<float>(kGradHPre)[(t0 + t) * n + j] = total;
+      if constexpr (DYN) s.grad_h_pre[t][j] = total;
+    }
+  } else if constexpr (DYN) {
+    for (int k = threadIdx.x; k < nt * n; k += kThreads) s.grad_h_pre[k / n][k % n] = 0.0f;
+  }
+  if constexpr (DYN) {
+    // Upstream ∂H_pre (the caller used H_pre directly) adds to the one through u.
+    if (const float* ext = a.in<float>(kGradHPreIn))
+      for (int k = threadIdx.x; k < nt * n; k += kThreads)
+        s.grad_h_pre[k / n][k % n] += ext[(t0 + k / n) * n + k % n];
+  }
+  __syncthreads();
+
+  if constexpr (DYN) {
+    // Phase 2: the coefficient backward, one warp per token.
+    const float* alpha = a.in<float>(kAlpha);
+    const int lane = threadIdx.x % kWarp;
+    for (int t = warp; t < nt; t += kWarps) {
+      const int64_t tok = t0 + t;
+      const float* z = a.in<float>(kZIn) + tok * m;
+      const float r = a.in<float>(kRIn)[tok];
+      const float* ghp = a.in<float>(kGradHPostIn);
+      const float* ghr = a.in<float>(kGradHResIn);
+      coefficients_backward<NB>(a, n, z, r,
+                                a.out<float>(kScratch) + tok * 2 * a.sinkhorn_iters * n,
+                                s.grad_h_pre[t], ghp ? ghp + tok * n : nullptr,
+                                ghr ? ghr + tok * n * n : nullptr, s.h_pre[t], s.h_post[t],
+                                s.M[t], s.dM[t], s.dz[t]);
+      // ∂h̃ out; ∂z = α_g·∂h̃/r; ∂r = −Σ_k α_g·∂h̃_k·z_k/r².
+      float dr = 0.0f;
+      for (int k = lane; k < m; k += kWarp) {
+        const float dl = s.dz[t][k];
+        a.out<float>(kGradLogits)[tok * m + k] = dl;
+        const float al = alpha[k < n ? 0 : (k < 2 * n ? 1 : 2)];
+        dr -= al * dl * z[k] / (r * r);
+        s.dz[t][k] = al * dl / r;
+      }
+      dr = warp_sum(dr);
+      if (lane == 0) {
+        s.r[t] = r;
+        s.dr[t] = dr / (float(K) * r);
+      }
+    }
+    __syncthreads();
+  } else {
+    // Static H_pre from the logits, computed as the forward does.
+    __shared__ Shared<NB, 1, 1> hs;
+    if (threadIdx.x < kWarp) coefficients<NB, 1, 1>(a, n, 0, nullptr, 1.0f, hs);
+    __syncthreads();
+    for (int j = threadIdx.x; j < n; j += kThreads) s.h_pre[0][j] = hs.h_pre[0][j];
+    __syncthreads();
+  }
+
+  // Phase 3: ∂x̄_k = H_pre[j]·∂u[c] (+ Σ_q φ[k][q]·∂z[q] + ∂r·x̄_k/(nC·r) for dynamic H).
+  T* dx = a.out<T>(kGradX) + t0 * K;
+  const float* phi = a.in<float>(kPhi);
+  for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+    const int j = int(k / C);
+    const int64_t c = k - int64_t(j) * C;
+    float acc[TM];
+#pragma unroll
+    for (int t = 0; t < TM; ++t) acc[t] = 0.0f;
+    if constexpr (DYN) {
+      const float* row = phi + k * m;
+      for (int q = 0; q < m; ++q) {
+        const float p = row[q];
+#pragma unroll
+        for (int t = 0; t < TM; ++t) acc[t] += p * s.dz[t < nt ? t : 0][q];
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      if (t >= nt) break;
+      const int hs = DYN ? t : 0;
+      float v = du ? s.h_pre[hs][j] * to_float(du[(t0 + t) * C + c]) : 0.0f;
+      if constexpr (DYN) v += acc[t] + s.dr[t] * to_float(x[t * K + k]);
+      dx[t * K + k] = from_float<T>(v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- static coefficients
+
+template <int NB>
+__global__ void __launch_bounds__(kThreads) coeffs_bwd_static_kernel(Args a) {
+  __shared__ PreBwdShared<NB, 1> s;
+  const int n = a.n;
+  if (threadIdx.x < kWarp) {
+    coefficients_backward<NB>(a, n, nullptr, 1.0f, a.out<float>(kScratch),
+                              a.in<float>(kGradHPreIn), a.in<float>(kGradHPostIn),
+                              a.in<float>(kGradHResIn), s.h_pre[0], s.h_post[0], s.M[0],
+                              s.dM[0], s.dz[0]);
+    for (int k = threadIdx.x; k < num_logits(n); k += kWarp)
+      a.out<float>(kGradLogits)[k] = s.dz[0][k];
+  }
+}
+
+// ---------------------------------------------------------------- ∂φ
+
+// Block (bx, by): rows [bx·kThreads, +kThreads) of ∂φ over token chunk by;
+// out[by] holds that chunk's partial sum (summed over chunks in order later).
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads) phi_grad_kernel(Args a) {
+  constexpr int NB = n_bound<N>();
+  constexpr int G = logit_group<NB>();
+  const int n = N ? N : a.n;
+  const int m = num_logits(n);
+  const int64_t K = int64_t(n) * a.hidden;
+  const int64_t k = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t per_chunk = (a.tokens + gridDim.y - 1) / gridDim.y;
+  const int64_t t_lo = int64_t(blockIdx.y) * per_chunk;
+  const int64_t t_hi = t_lo + per_chunk < a.tokens ? t_lo + per_chunk : a.tokens;
+  if (k >= K) return;
+  const T* x = a.in<T>(kX);
+  const float* dz = a.in<float>(kGradLogitsIn);
+  float* out = a.out<float>(kGradPhi) + int64_t(blockIdx.y) * K * m + k * m;
+  for (int col0 = 0; col0 < m; col0 += G) {
+    float acc[G];
+#pragma unroll
+    for (int q = 0; q < G; ++q) acc[q] = 0.0f;
+    for (int64_t t = t_lo; t < t_hi; ++t) {
+      const float xv = to_float(x[t * K + k]);
+      const float* dzt = dz + t * m + col0;
+#pragma unroll
+      for (int q = 0; q < G; ++q)
+        if (col0 + q < m) acc[q] += xv * dzt[q];
+    }
+#pragma unroll
+    for (int q = 0; q < G; ++q)
+      if (col0 + q < m) out[col0 + q] = acc[q];
+  }
+}
+
+// ---------------------------------------------------------------- launchers
+
+enum class BwdOp { Post, Pre, Coeffs, PhiGrad };
+
+template <typename T, int N, int HIDDEN, int TM, BwdOp OP, bool DYN>
+int launch_backward(const Args& a) {
+  if (a.n < 1 || a.n > kMaxN || (N && a.n != N)) return kBadN;
+  if (HIDDEN && a.hidden != HIDDEN) return kBadHidden;
+  const stream_t stream = static_cast<stream_t>(a.stream);
+  const int64_t blocks = (a.tokens + TM - 1) / TM;
+  if constexpr (OP == BwdOp::Coeffs) {
+    coeffs_bwd_static_kernel<n_bound<N>()><<<1, kThreads, 0, stream>>>(a);
+  } else if constexpr (OP == BwdOp::PhiGrad) {
+    const int64_t rows = (int64_t(a.n) * a.hidden + kThreads - 1) / kThreads;
+    if (rows == 0 || a.tokens == 0) return kOk;
+    const unsigned chunks = unsigned(a.splits < 1 ? 1 : a.splits);
+    phi_grad_kernel<T, N><<<dim3(unsigned(rows), chunks), kThreads, 0, stream>>>(a);
+  } else {
+    if (blocks == 0) return kOk;
+    constexpr int VEC = vec_width<T, n_bound<N>()>();
+    const int vb = VEC * int(sizeof(T));
+    const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) &&
+                        aligned_to(a.p[kY], vb) && aligned_to(a.p[kGradOut], vb) &&
+                        aligned_to(a.p[kGradX], vb) && aligned_to(a.p[kGradY], vb);
+    if constexpr (OP == BwdOp::Post) {
+      if (vec_ok)
+        post_bwd_kernel<T, N, HIDDEN, TM, DYN, VEC><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+      else
+        post_bwd_kernel<T, N, HIDDEN, TM, DYN, 1><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+    } else {
+      pre_bwd_kernel<T, N, HIDDEN, TM, DYN, 1><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+    }
+  }
+  return int(last_error());
+}
+
+}  // namespace mhc
