@@ -37,6 +37,10 @@ def _case(spec, data):
     else:
         c = data.draw(st.one_of(st.integers(1, 40), st.integers(41, 300)) if n <= 8
                       else st.integers(1, 64), label="C")  # fmt: skip
+    if spec.op in (Op.PRE_BWD_DYN, Op.PHI_GRAD_DYN) and n * c < 8:
+        # h̃ depends on x̄/r, so ∂x is orthogonal to x̄ up to eps_rms: for tiny n·C the
+        # exact ∂x is O(eps) and any fp32 result is cancellation noise.
+        c = -(-8 // n)
     t = data.draw(st.one_of(st.just(1), st.integers(1, 33)), label="T")
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     alpha = data.draw(st.sampled_from([0.01, 1.0]), label="alpha")
@@ -170,6 +174,8 @@ def test_backward_variant(name, data):
 def test_layer_gradients(dtype, dynamic, n, c, t, seed, alpha):
     if n == 32 and c > 100:
         c = 100
+    if dynamic and n * c < 8:  # see _case: ∂x is O(eps) there
+        c = -(-8 // n)
     v = _inputs(n, c, t, seed, alpha, dtype)
     if dynamic:
         fn = lambda u: mhc_gen.layer_dynamic(u["x"], u["w"], u["phi"], u["alpha"], u["b"])  # noqa: E731

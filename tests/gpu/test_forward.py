@@ -26,7 +26,7 @@ TORCH_DTYPE = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16, DType.FP32
 def _variants() -> list[str]:
     if not torch.cuda.is_available():
         return []
-    return mhc_gen.kernels()
+    return [k for k in mhc_gen.kernels() if not parse(k).op.backward]
 
 
 VARIANTS = _variants()
