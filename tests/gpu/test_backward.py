@@ -62,8 +62,10 @@ def _inputs(n, c, t, seed, alpha, dtype):
     )
 
 
-def _grads(fn, inputs, names, device, dtype, seed):
-    """Gradients of Σ (fn(inputs) · random) w.r.t. names; inputs cast to dtype on device."""
+def _grads(fn, inputs, names, device, dtype, seed, up_dtype):
+    """Gradients of Σ (fn(inputs) · random) w.r.t. names; inputs cast to dtype on
+    device. The random upstream gradients are rounded to up_dtype (the kernel
+    run's x dtype) in both runs, so that both differentiate the same loss."""
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     leaves = {
         k: v.to(device=device, dtype=dtype if k in ("x", "y") else param_dtype).requires_grad_(
@@ -76,7 +78,8 @@ def _grads(fn, inputs, names, device, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     loss = 0
     for o in outs:
-        up = torch.randn(o.shape, generator=g, dtype=torch.float64).to(device=device, dtype=o.dtype)
+        up = torch.randn(o.shape, generator=g, dtype=torch.float64).to(up_dtype)
+        up = up.to(device=device, dtype=o.dtype)
         loss = loss + (o * up).sum()
     return torch.autograd.grad(loss, [leaves[k] for k in names])
 
@@ -129,11 +132,11 @@ def _families(iters):
 def _check(fn, ref, names, v, dtype, seed, what):
     dev = torch.device("cuda")
     with mhc_gen.poisoned_outputs():
-        got = _grads(fn, v, names, dev, dtype, seed)
-        again = _grads(fn, v, names, dev, dtype, seed)
+        got = _grads(fn, v, names, dev, dtype, seed, dtype)
+        again = _grads(fn, v, names, dev, dtype, seed, dtype)
     for a, b_, name in zip(got, again, names, strict=True):
         assert bitwise_equal(a, b_), f"{what}: ∂{name} differs bitwise on a second run"
-    want = _grads(ref, v, names, "cpu", torch.float64, seed)
+    want = _grads(ref, v, names, "cpu", torch.float64, seed, dtype)
     for a, e, name in zip(got, want, names, strict=True):
         assert_close(a, e, f"{what}: ∂{name}", tol=GRAD_TOLERANCES[dtype])
 
