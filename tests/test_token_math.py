@@ -83,6 +83,28 @@ def test_extreme_logits_stay_finite(lib):
     assert (h_res >= 0).all() and (h_res.sum(-1) <= 1 + 1e-5).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 32),
+    iters=st.sampled_from([0, 1, 7, 20, 64]),
+    scale=st.sampled_from([0.3, 1.0, 3.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sinkhorn_backward_matches_autograd(lib, n, iters, scale, seed):
+    """The exact derivative of the unrolled iterations, against float64 autograd."""
+    g = torch.Generator().manual_seed(seed)
+    m = reference.num_logits(n)
+    b = torch.randn(m, generator=g) * scale
+    ups = [torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, n, generator=g)]
+    got = torch.empty(m)
+    lib.shim_coefficients_backward(_p(b), n, ctypes.c_float(2.0), iters, ctypes.c_float(1e-6),
+                                   *(_p(u) for u in ups), _p(got))  # fmt: skip
+    bd = b.double().requires_grad_()
+    outs = reference.static_coefficients(bd, n, sinkhorn_iters=iters)
+    (want,) = torch.autograd.grad(outs, [bd], [u.double() for u in ups])
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
 def test_token_rms(lib):
     x = torch.randn(4 * 100)
     want = float(torch.sqrt(x.double().square().mean() + 1e-6))

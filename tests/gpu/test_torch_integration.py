@@ -17,17 +17,31 @@ if not torch.cuda.is_available():
     pytest.skip("no GPU", allow_module_level=True)
 
 
+class Attention(nn.Module):
+    """Causal single-head self-attention on u [B, S, C]."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.qkv = nn.Linear(c, 3 * c)
+        self.out = nn.Linear(c, c)
+
+    def forward(self, u):
+        q, k, v = self.qkv(u).chunk(3, dim=-1)
+        return self.out(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
 class Block(nn.Module):
-    """One transformer-like block: mHC around an MLP, then the seed's layer."""
+    """A transformer block: mHC around attention, mHC around an MLP, then the seed's layer."""
 
     def __init__(self, c: int, n: int, dynamic: bool, impl: str = "kernels"):
         super().__init__()
         mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.attn = mhc_gen.MHCConnection(Attention(c), c, n, dynamic, impl=impl)
         self.mlp = mhc_gen.MHCConnection(mlp, c, n, dynamic, impl=impl)
         self.norm = mhc_gen.MHCLayer(c, n, dynamic, impl=impl)
 
     def forward(self, x):
-        return self.norm(self.mlp(x))
+        return self.norm(self.mlp(self.attn(x)))
 
 
 class Model(nn.Module):
@@ -38,17 +52,19 @@ class Model(nn.Module):
         self.blocks = nn.ModuleList(Block(c, n, dynamic, impl) for _ in range(blocks))
         self.head = nn.Linear(c, vocab)
 
-    def forward(self, tokens):
-        x = mhc_gen.expand_streams(self.embed(tokens), self.n)
+    def forward(self, tokens):  # [B, S] -> logits [B·S, vocab]
+        x = mhc_gen.expand_streams(self.embed(tokens), self.n)  # [B, S, n, C]
         for blk in self.blocks:
             x = blk(x)
-        return self.head(mhc_gen.reduce_streams(x))
+        return self.head(mhc_gen.reduce_streams(x)).flatten(0, 1)
 
 
-def _batch(seed, vocab=64, t=256):
+def _batch(seed, vocab=64, batch=4, seq=64):
+    """Next token = a fixed function of the previous token: learnable with attention."""
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (t,), generator=g)
-    return tokens.cuda(), ((tokens * 7 + 3) % vocab).cuda()  # a learnable map
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+    target = (tokens * 7 + 3) % vocab
+    return tokens.cuda(), target.flatten().cuda()
 
 
 def _loss_and_grads(model, tokens, target):

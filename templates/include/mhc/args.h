@@ -25,13 +25,13 @@ enum Ptr : int {
   kHPostIn,     // [T, n] fp32: per-token H_post for post
   kHResIn,      // [T, n, n] fp32: per-token H_res for post
   // backward inputs
-  kGradOut,     // ∂x_next [T, n, C] (post) or ∂u [T, C] (pre), the variant's dtype
-  kGradHPreIn,  // [T, n] (or [n] static) fp32 upstream ∂H_pre; may be null
-  kGradHPostIn, // [T, n] fp32 upstream ∂H_post; may be null
-  kGradHResIn,  // [T, n, n] fp32 upstream ∂H_res; may be null
-  kZIn,         // [T, m] fp32 saved projection z = x̄·φ
-  kRIn,         // [T] fp32 saved RMS r
-  kGradLogitsIn,// [T, m] fp32 ∂z (phi-grad input)
+  kGradOut,       // ∂x_next [T, n, C] (post) or ∂u [T, C] (pre), the variant's dtype
+  kGradHPreIn,    // [T, n] (or [n] static) fp32 upstream ∂H_pre; may be null
+  kGradHPostIn,   // [T, n] fp32 upstream ∂H_post; may be null
+  kGradHResIn,    // [T, n, n] fp32 upstream ∂H_res; may be null
+  kZIn,           // [T, m] fp32 saved projection z = x̄·φ
+  kRIn,           // [T] fp32 saved RMS r
+  kGradLogitsIn,  // [T, m] fp32 ∂z (phi-grad input)
   // forward outputs
   kOut,    // u [T, C] (pre) or x_next [T, n, C] (post, layer)
   kHPre,   // [T, n] or [n]; may be null

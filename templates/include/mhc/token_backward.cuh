@@ -57,8 +57,8 @@ MHC_DEV void coefficients_backward(const Args& a, int n, const float* z, float r
   const int iters = a.sinkhorn_iters;
   float row_max = -__builtin_inff();
   if (lane < n)
-    row_max = coefficient_row(lane, n, z, r, a.in<float>(kAlpha), a.in<float>(kBias),
-                              a.post_mult, h_pre, h_post, &M[0][0], ld);
+    row_max = coefficient_row(lane, n, z, r, a.in<float>(kAlpha), a.in<float>(kBias), a.post_mult,
+                              h_pre, h_post, &M[0][0], ld);
   const float max_logit = warp_max(row_max);
   if (lane < n) sinkhorn_exp_row(&M[0][0], ld, n, lane, max_logit);
   sync_warp();
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) post_bwd_kernel(Args a) {
 #pragma unroll
       for (int i = 0; i < NB; ++i)
         if (i < n) load_pack<T, VEC>(gt + i * C + c, gs[i]);
-      // ∂y = Σ_i H_post[i]·G[i]
+          // ∂y = Σ_i H_post[i]·G[i]
 #pragma unroll
       for (int v = 0; v < VEC; ++v) o[v] = 0.0f;
 #pragma unroll
@@ -298,11 +298,10 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
       const float r = a.in<float>(kRIn)[tok];
       const float* ghp = a.in<float>(kGradHPostIn);
       const float* ghr = a.in<float>(kGradHResIn);
-      coefficients_backward<NB>(a, n, z, r,
-                                a.out<float>(kScratch) + tok * 2 * a.sinkhorn_iters * n,
+      coefficients_backward<NB>(a, n, z, r, a.out<float>(kScratch) + tok * 2 * a.sinkhorn_iters * n,
                                 s.grad_h_pre[t], ghp ? ghp + tok * n : nullptr,
-                                ghr ? ghr + tok * n * n : nullptr, s.h_pre[t], s.h_post[t],
-                                s.M[t], s.dM[t], s.dz[t]);
+                                ghr ? ghr + tok * n * n : nullptr, s.h_pre[t], s.h_post[t], s.M[t],
+                                s.dM[t], s.dz[t]);
       // ∂h̃ out; ∂z = α_g·∂h̃/r; ∂r = −Σ_k α_g·∂h̃_k·z_k/r².
       float dr = 0.0f;
       for (int k = lane; k < m; k += kWarp) {
@@ -363,10 +362,9 @@ __global__ void __launch_bounds__(kThreads) coeffs_bwd_static_kernel(Args a) {
   __shared__ PreBwdShared<NB, 1> s;
   const int n = a.n;
   if (threadIdx.x < kWarp) {
-    coefficients_backward<NB>(a, n, nullptr, 1.0f, a.out<float>(kScratch),
-                              a.in<float>(kGradHPreIn), a.in<float>(kGradHPostIn),
-                              a.in<float>(kGradHResIn), s.h_pre[0], s.h_post[0], s.M[0],
-                              s.dM[0], s.dz[0]);
+    coefficients_backward<NB>(a, n, nullptr, 1.0f, a.out<float>(kScratch), a.in<float>(kGradHPreIn),
+                              a.in<float>(kGradHPostIn), a.in<float>(kGradHResIn), s.h_pre[0],
+                              s.h_post[0], s.M[0], s.dM[0], s.dz[0]);
     for (int k = threadIdx.x; k < num_logits(n); k += kWarp)
       a.out<float>(kGradLogits)[k] = s.dz[0][k];
   }
@@ -429,9 +427,9 @@ int launch_backward(const Args& a) {
     if (blocks == 0) return kOk;
     constexpr int VEC = vec_width<T, n_bound<N>()>();
     const int vb = VEC * int(sizeof(T));
-    const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) &&
-                        aligned_to(a.p[kY], vb) && aligned_to(a.p[kGradOut], vb) &&
-                        aligned_to(a.p[kGradX], vb) && aligned_to(a.p[kGradY], vb);
+    const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) && aligned_to(a.p[kY], vb) &&
+                        aligned_to(a.p[kGradOut], vb) && aligned_to(a.p[kGradX], vb) &&
+                        aligned_to(a.p[kGradY], vb);
     if constexpr (OP == BwdOp::Post) {
       if (vec_ok)
         post_bwd_kernel<T, N, HIDDEN, TM, DYN, VEC><<<unsigned(blocks), kThreads, 0, stream>>>(a);

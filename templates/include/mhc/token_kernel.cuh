@@ -140,8 +140,8 @@ MHC_DEV void coefficients(const Args& a, int n, int slot, const float* z, float 
   float* M = &s.h_res[slot][0][0];
   float row_max = -__builtin_inff();
   if (lane < n)
-    row_max = coefficient_row(lane, n, z, r, a.in<float>(kAlpha), a.in<float>(kBias), a.post_mult, s.h_pre[slot],
-                              s.h_post[slot], M, ld);
+    row_max = coefficient_row(lane, n, z, r, a.in<float>(kAlpha), a.in<float>(kBias), a.post_mult,
+                              s.h_pre[slot], s.h_post[slot], M, ld);
   const float max_logit = warp_max(row_max);
   if (lane < n) sinkhorn_exp_row(M, ld, n, lane, max_logit);
   sync_warp();
@@ -360,8 +360,7 @@ int launch(const Args& a) {
   } else {
     constexpr int VEC = vec_width<T, n_bound<N>()>();
     const int vb = VEC * int(sizeof(T));
-    const bool vec_ok =
-        a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) && aligned_to(a.p[kY], vb) &&
+    const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) && aligned_to(a.p[kY], vb) &&
                         aligned_to(a.p[kOut], vb);
     // Split C over grid.y where no reduction over C is needed: short token
     // counts still fill the GPU.
