@@ -177,3 +177,30 @@ def test_selected_variant_runs_on_other_stream():
         got = mhc_gen.layer_static(x, w, b)
     torch.cuda.current_stream().wait_stream(s)
     assert bitwise_equal(got, expected)
+
+
+def test_bad_input_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    n, c = 4, 64
+    m = reference.num_logits(n)
+    x = torch.randn(3, n, c, device="cuda", dtype=torch.bfloat16)
+    phi, alpha, b = (
+        torch.zeros(n * c, m, device="cuda"),
+        torch.ones(3, device="cuda"),
+        torch.zeros(m, device="cuda"),
+    )
+    with pytest.raises(ValueError, match="is on cpu but x is on cuda"):
+        mhc_gen.pre_dynamic(x, phi.cpu(), alpha, b)
+    with pytest.raises(ValueError, match="phi must be torch.float32"):
+        mhc_gen.pre_dynamic(x, phi.bfloat16(), alpha, b)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        mhc_gen.pre_static(x.transpose(0, 1), b)
+    with pytest.raises(ValueError, match="not supported on GPU"):
+        mhc_gen.pre_static(x.double(), b)
+    with pytest.raises(ValueError, match="y must have x's dtype|y must be"):
+        mhc_gen.post_static(x, torch.randn(3, c, device="cuda"), b)
+    with pytest.raises(ValueError, match="n = 33"):
+        mhc_gen.pre_static(
+            torch.randn(2, 33, 8, device="cuda"), torch.zeros(33 * 35, device="cuda")
+        )
