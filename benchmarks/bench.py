@@ -126,10 +126,20 @@ def layer_fns(dynamic):
     return ours, ref
 
 
+_COMPILED = {}
+
+
+def _compiled(dynamic: bool):
+    """torch.compile of the reference layer, shape-generic so one compile serves all configs."""
+    if dynamic not in _COMPILED:
+        _COMPILED[dynamic] = torch.compile(layer_fns(dynamic)[1], dynamic=True)
+    return _COMPILED[dynamic]
+
+
 def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs):
     x, p = layer_inputs(t, c, n, dtype, dynamic, backward)
     ours, ref = layer_fns(dynamic)
-    compiled = torch.compile(ref, dynamic=False)
+    compiled = _compiled(dynamic)
     grad = torch.randn_like(x) if backward else None
     params = [x, *p.values()]
 
