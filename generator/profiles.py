@@ -19,7 +19,7 @@ def default_tile(op: Op) -> int:
         return 1
     if op in (Op.POST_BWD_DYN, Op.POST_BWD_STATIC, Op.PRE_BWD_STATIC):
         return 1
-    if op is Op.PRE_BWD_DYN:
+    if op in (Op.PRE_BWD_DYN, Op.PROJ_DYN):
         return 2
     return 4
 
@@ -38,7 +38,9 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
         dtypes = tuple(DType) if op.needs_x else (DType.FP32,)
         for dtype in dtypes:
             for n in generic_n:
-                specs.add(_spec(op, n, None, dtype, arch))
+                spec = _spec(op, n, None, dtype, arch)
+                if is_supported(spec):  # e.g. the tensor-core projection: bf16 on CUDA only
+                    specs.add(spec)
         if profile == "default" and op.has_hidden_axis:
             for dtype in HOT_DTYPES:
                 for hidden in HOT_HIDDEN:

@@ -31,8 +31,8 @@ def variant_values(spec: KernelSpec) -> dict[str, str]:
         "tile": str(spec.tile),
         "op_enum": spec.op.cpp_enum,
         "dynamic": "true" if spec.op.dynamic else "false",
-        "header": "mhc/token_backward.cuh" if spec.op.backward else "mhc/token_kernel.cuh",
-        "launcher": "mhc::launch_backward" if spec.op.backward else "mhc::launch",
+        "header": spec.op.header,
+        "launcher": spec.op.launcher,
     }
 
 

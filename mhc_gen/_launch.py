@@ -18,7 +18,7 @@ from generator.render import INCLUDE
 from generator.spec import DType, Op, parse
 
 from . import _loader
-from .select import arch_for_capability, arch_for_gcn, select
+from .select import NoKernelError, arch_for_capability, arch_for_gcn, select
 
 DTYPES = {torch.bfloat16: DType.BF16, torch.float16: DType.FP16, torch.float32: DType.FP32}
 
@@ -85,6 +85,15 @@ def _selected(op: Op, n: int, hidden: int, dtype: DType, device_index: int):
         )
     spec = select(op, n, hidden, dtype, arch, _loader.table(backend))
     return mod.launch, _loader.table(backend)[spec.name]
+
+
+def has_variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int) -> bool:
+    """Whether a variant serves the request (for optional fast paths)."""
+    try:
+        _selected(op, n, hidden, dtype, device_index)
+    except NoKernelError:
+        return False
+    return True
 
 
 def _variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int):

@@ -12,7 +12,7 @@ import torch
 from generator.spec import DType, Op
 
 from . import reference
-from ._launch import DTYPES, empty, launch
+from ._launch import DTYPES, empty, has_variant, launch
 
 
 def _dims(x):
@@ -32,17 +32,50 @@ def _coeff_outputs(lead, n, device):
 # ---------------------------------------------------------------- forward
 
 
+def projection(x, phi, eps_rms):
+    """(z, r) from the tensor-core projection (projection.cuh), or None where no
+    variant serves: x not bf16, n·C odd, or no CUDA build. The fused kernels then
+    project on CUDA cores themselves."""
+    t, n, c = _dims(x)
+    k = n * c
+    if x.dtype != torch.bfloat16 or k % 2 or x.data_ptr() % 4 or t == 0:
+        return None
+    if not has_variant(Op.PROJ_DYN, n, c, DType.BF16, x.device.index):
+        return None
+    m = reference.num_logits(n)
+    hi = torch.empty((m, k), dtype=torch.bfloat16, device=x.device)
+    hi.copy_(phi.t())
+    lo = torch.empty_like(hi)
+    lo.copy_((phi - hi.t().float()).t())
+    z = empty((t, m), torch.float32, x.device)
+    r = empty((t,), torch.float32, x.device)
+    launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, eps_rms=eps_rms, x=x,
+           phi_hi=hi, phi_lo=lo, z_out=z, r_out=r)  # fmt: skip
+    return z, r
+
+
+def _projected(x, phi, eps_rms):
+    """(z, r, z_in, r_in): buffers the fused kernel fills, or the projection's results."""
+    t, n, _ = _dims(x)
+    pr = projection(x, phi, eps_rms)
+    if pr is not None:
+        return pr[0], pr[1], pr[0], pr[1]
+    z = empty((t, reference.num_logits(n)), torch.float32, x.device)
+    r = empty((t,), torch.float32, x.device)
+    return z, r, None, None
+
+
 def dynamic_coefficients(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     """(H_pre, H_post, H_res, z, r)."""
     t, n, c = _dims(x)
     h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
-    z = empty((t, reference.num_logits(n)), torch.float32, x.device)
-    r = empty((t,), torch.float32, x.device)
+    z, r, z_in, r_in = _projected(x, phi, eps_rms)
     if t:
         launch(Op.COEFFS_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, h_pre=h_pre, h_post=h_post,
-               h_res=h_res, z_out=z, r_out=r)  # fmt: skip
+               h_res=h_res, z_in=z_in, r_in=r_in, z_out=None if z_in is not None else z,
+               r_out=None if r_in is not None else r)  # fmt: skip
     return h_pre, h_post, h_res, z, r
 
 
@@ -57,16 +90,15 @@ def static_coefficients(b, n, iters, eps_sk, post_mult):
 def pre_dynamic(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     """(u, H_pre, H_post, H_res, z, r): z and r are what the backward needs."""
     t, n, c = _dims(x)
-    m = reference.num_logits(n)
     u = empty((t, c), x.dtype, x.device)
     h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
-    z = empty((t, m), torch.float32, x.device)
-    r = empty((t,), torch.float32, x.device)
+    z, r, z_in, r_in = _projected(x, phi, eps_rms)
     if t:
         launch(Op.PRE_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, out=u, h_pre=h_pre, h_post=h_post,
-               h_res=h_res, z_out=z, r_out=r)  # fmt: skip
+               h_res=h_res, z_in=z_in, r_in=r_in, z_out=None if z_in is not None else z,
+               r_out=None if r_in is not None else r)  # fmt: skip
     return u, h_pre, h_post, h_res, z, r
 
 
@@ -102,15 +134,14 @@ def post_static(x, y, b, iters, eps_sk, post_mult):
 def layer_dynamic(x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     """(x_next, z, r)."""
     t, n, c = _dims(x)
-    m = reference.num_logits(n)
     out = empty(x.shape, x.dtype, x.device)
-    z = empty((t, m), torch.float32, x.device)
-    r = empty((t,), torch.float32, x.device)
+    z, r, z_in, r_in = _projected(x, phi, eps_rms)
     if t:
         launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
-               x=x, phi=phi, alpha=alpha, bias=b, norm_weight=weight, out=out, z_out=z,
-               r_out=r)  # fmt: skip
+               x=x, phi=phi, alpha=alpha, bias=b, norm_weight=weight, out=out, z_in=z_in,
+               r_in=r_in, z_out=None if z_in is not None else z,
+               r_out=None if r_in is not None else r)  # fmt: skip
     return out, z, r
 
 

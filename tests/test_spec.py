@@ -40,7 +40,8 @@ def test_default_profile_covers_the_issue_matrix():
         tile = default_tile(op)
         for n in (2, 4, 8, 16, 32, None):
             for d in list(DType) if op.needs_x else [DType.FP32]:
-                assert KernelSpec(op, n, None, d, Arch.SM90, tile).name in names
+                spec = KernelSpec(op, n, None, d, Arch.SM90, tile)
+                assert spec.name in names or not is_supported(spec)
         if op.has_hidden_axis:
             for h in HOT_HIDDEN:
                 for d in (DType.BF16, DType.FP32):
@@ -61,6 +62,13 @@ def test_default_profile_covers_the_issue_matrix():
 def test_parse_rejects(bad):
     with pytest.raises(ValueError):
         parse(bad)
+
+
+def test_tensor_core_projection_is_bf16_cuda_only():
+    assert is_supported(KernelSpec(Op.PROJ_DYN, 4, None, DType.BF16, Arch.SM80, 2))
+    assert not is_supported(KernelSpec(Op.PROJ_DYN, 4, None, DType.FP32, Arch.SM90, 2))
+    assert not is_supported(KernelSpec(Op.PROJ_DYN, 4, None, DType.BF16, Arch.GFX942, 2))
+    assert not any(s.op is Op.PROJ_DYN for s in specs_for(Arch.GFX90A))
 
 
 def test_validity():

@@ -228,10 +228,21 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
 
   // Phases 1 and 2: the coefficients of the block's tokens (or the one static H).
   if constexpr (DYN && OP != Op::Post) {
-    project<T, NB, TM, SLOTS>(a, n, C, t0, nt, s);
+    const float* z_in = a.in<float>(kZIn);
+    if (z_in) {  // z and r from the tensor-core projection (projection.cuh)
+      const int m = num_logits(n);
+      for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
+        s.z[idx / m][idx % m] = z_in[t0 * m + idx];
+      for (int t = threadIdx.x; t < nt; t += kThreads) s.r[t] = a.in<float>(kRIn)[t0 + t];
+      __syncthreads();
+    } else {
+      project<T, NB, TM, SLOTS>(a, n, C, t0, nt, s);
+      for (int t = threadIdx.x; t < nt; t += kThreads)
+        s.r[t] = token_rms(s.sum_sq[t], int64_t(n) * C, a.eps_rms);
+      __syncthreads();
+    }
     for (int t = warp; t < nt; t += kWarps) {
-      const float r = token_rms(s.sum_sq[t], int64_t(n) * C, a.eps_rms);
-      if (threadIdx.x % kWarp == 0) s.r[t] = r;
+      const float r = s.r[t];
       coefficients<NB, TM, SLOTS>(a, n, t, s.z[t], r, s);
       if (blockIdx.y == 0) store_coefficients<NB, TM, SLOTS>(a, n, t, t0 + t, s);
     }
