@@ -42,15 +42,10 @@ def projection(x, phi, eps_rms):
         return None
     if not has_variant(Op.PROJ_DYN, n, c, DType.BF16, x.device.index):
         return None
-    m = reference.num_logits(n)
-    hi = torch.empty((m, k), dtype=torch.bfloat16, device=x.device)
-    hi.copy_(phi.t())
-    lo = torch.empty_like(hi)
-    lo.copy_((phi - hi.t().float()).t())
-    z = empty((t, m), torch.float32, x.device)
+    z = empty((t, reference.num_logits(n)), torch.float32, x.device)
     r = empty((t,), torch.float32, x.device)
     launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, eps_rms=eps_rms, x=x,
-           phi_hi=hi, phi_lo=lo, z_out=z, r_out=r)  # fmt: skip
+           phi=phi, z_out=z, r_out=r)  # fmt: skip
     return z, r
 
 

@@ -179,6 +179,9 @@ def test_layer_gradients(dtype, dynamic, n, c, t, seed, alpha):
         c = 100
     if dynamic and n * c < 8:  # see _case: ∂x is O(eps) there
         c = -(-8 // n)
+    if c == 1 and dtype != torch.float32:
+        # ∂w is then one token-sum of ±dy, which can cancel far below its rounded terms.
+        c = 7
     v = _inputs(n, c, t, seed, alpha, dtype)
     if dynamic:
         fn = lambda u: mhc_gen.layer_dynamic(u["x"], u["w"], u["phi"], u["alpha"], u["b"])  # noqa: E731

@@ -32,8 +32,6 @@ enum Ptr : int {
   kZIn,           // [T, m] fp32 saved projection z = x̄·φ
   kRIn,           // [T] fp32 saved RMS r
   kGradLogitsIn,  // [T, m] fp32 ∂z (phi-grad input)
-  kPhiHi,         // [m, n·C] bf16: φᵀ rounded (tensor-core projection)
-  kPhiLo,         // [m, n·C] bf16: φᵀ − hi, rounded
   // forward outputs
   kOut,    // u [T, C] (pre) or x_next [T, n, C] (post, layer)
   kHPre,   // [T, n] or [n]; may be null

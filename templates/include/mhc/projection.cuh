@@ -1,10 +1,9 @@
 // The dynamic-H projection z = x̄·φ and r = RMS(x̄) on tensor cores (bf16 x).
 //
-// φ (fp32) arrives split into two bf16 matrices, φ ≈ hi + lo, transposed to
-// [m][K] (mhc_gen/gpu.py): two bf16 mma.sync per tile keep
-// about 17 bits of φ, and x (bf16) is exact, so z matches an fp32 product to
-// ~1e-6. A block owns 16·MT tokens and up to 64 logit columns; its 8 warps
-// split K and are summed in warp order (deterministic).
+// φ (fp32) is split as it is loaded into two bf16 operands, φ ≈ hi + lo: two
+// bf16 mma.sync per tile keep about 17 bits of φ, and x (bf16) is exact, so z
+// matches an fp32 product to ~1e-6. A block owns 16·MT tokens and up to 64 logit columns; its 8
+// warps split K and are summed in warp order (deterministic).
 #pragma once
 
 #include "args.h"
@@ -22,6 +21,21 @@ constexpr int kProjColTiles = 8;  // 8 columns each: 64 logit columns per block
 MHC_DEV uint32_t load_pair(const uint16_t* base, int64_t row, int64_t rows, int64_t K, int64_t k) {
   if (row >= rows || k >= K) return 0u;
   return *reinterpret_cast<const uint32_t*>(base + row * K + k);
+}
+
+// φ[k][col] and φ[k+1][col] as packed bf16 pairs hi and lo, φ ≈ hi + lo
+// (zero outside [0, K) × [0, m)).
+MHC_DEV void load_phi_pair(const float* phi, int64_t col, int m, int64_t K, int64_t k, uint32_t& hi,
+                           uint32_t& lo) {
+  float p0 = 0.0f, p1 = 0.0f;
+  if (col < m && k < K) {
+    p0 = phi[k * m + col];
+    p1 = phi[(k + 1) * m + col];
+  }
+  const bf16 h0 = from_float<bf16>(p0), h1 = from_float<bf16>(p1);
+  const bf16 l0 = from_float<bf16>(p0 - to_float(h0)), l1 = from_float<bf16>(p1 - to_float(h1));
+  hi = uint32_t(h0.bits) | (uint32_t(h1.bits) << 16);
+  lo = uint32_t(l0.bits) | (uint32_t(l1.bits) << 16);
 }
 
 MHC_DEV float pair_sq(uint32_t v) {
@@ -56,8 +70,7 @@ __global__ void __launch_bounds__(kThreads) projection_kernel(Args a) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int g = lane / 4, q = lane % 4;
   const uint16_t* x = a.in<uint16_t>(kX);
-  const uint16_t* hi = a.in<uint16_t>(kPhiHi);
-  const uint16_t* lo = a.in<uint16_t>(kPhiLo);
+  const float* phi = a.in<float>(kPhi);
 
   float acc[MT][NT][4];
   float sq[MT][2];
@@ -86,10 +99,9 @@ __global__ void __launch_bounds__(kThreads) projection_kernel(Args a) {
     for (int j = 0; j < NT; ++j) {
       if (j >= tiles) break;
       const int64_t col = col0 + j * 8 + g;
-      const uint32_t h0 = load_pair(hi, col, m, K, k0 + 2 * q);
-      const uint32_t h1 = load_pair(hi, col, m, K, k0 + 2 * q + 8);
-      const uint32_t l0 = load_pair(lo, col, m, K, k0 + 2 * q);
-      const uint32_t l1 = load_pair(lo, col, m, K, k0 + 2 * q + 8);
+      uint32_t h0, h1, l0, l1;
+      load_phi_pair(phi, col, m, K, k0 + 2 * q, h0, l0);
+      load_phi_pair(phi, col, m, K, k0 + 2 * q + 8, h1, l1);
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
         mma_bf16(acc[i][j], af[i], h0, h1);
