@@ -44,10 +44,11 @@ def module_name(backend: str) -> str:
     return f"_mhc_gen_{backend}"
 
 
-def render_dispatch(specs: list[KernelSpec], backend: str) -> str:
+def render_dispatch(specs: list[KernelSpec], backend: str, module: str | None = None) -> str:
+    """The dispatch table of specs as the pybind11 module ``module`` (default: the backend's)."""
     kernels = [{"name": s.name, "symbol": s.symbol} for s in sorted(specs, key=lambda s: s.name)]
     return _ENV.get_template("dispatch.cpp.j2").render(
-        kernels=kernels, backend=backend, module=module_name(backend)
+        kernels=kernels, backend=backend, module=module or module_name(backend)
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from generator.render import INCLUDE
 from generator.spec import DType, Op, parse
 
-from . import _loader
+from . import _loader, jit
 from .select import NoKernelError, arch_for_capability, arch_for_gcn, select
 
 DTYPES = {torch.bfloat16: DType.BF16, torch.float16: DType.FP16, torch.float32: DType.FP32}
@@ -77,14 +77,25 @@ def device_arch(device_index: int):
 
 @functools.cache
 def _selected(op: Op, n: int, hidden: int, dtype: DType, device_index: int):
+    """(launch function, table index): prebuilt first, else compiled on demand (mhc_gen.jit)."""
     backend, arch = device_arch(device_index)
     mod = _loader.module(backend)
-    if mod is None:
-        raise RuntimeError(
-            f"mhc_gen: no {backend} kernels are built; run python build.py --arch {arch.value}"
-        )
-    spec = select(op, n, hidden, dtype, arch, _loader.table(backend))
-    return mod.launch, _loader.table(backend)[spec.name]
+    table = _loader.table(backend)
+    try:
+        spec = select(op, n, hidden, dtype, arch, table)
+        if spec.n is None and jit.policy() == "specialize":
+            raise NoKernelError(f"{spec.name} serves n = {n} at run time")
+        return mod.launch, table[spec.name]
+    except NoKernelError as miss:
+        target = jit.spec_for(op, n, dtype, arch)
+        if target is None or jit.policy() == "off":
+            if mod is None:
+                raise RuntimeError(
+                    f"mhc_gen: no {backend} kernels are built and compilation on demand is off; "
+                    f"run python build.py --arch {arch.value}"
+                ) from miss
+            raise
+        return jit.load(target).launch, 0
 
 
 def has_variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int) -> bool:

@@ -206,3 +206,25 @@ def test_bad_input_on_gpu():
         mhc_gen.pre_static(
             torch.randn(2, 33, 8, device="cuda"), torch.zeros(33 * 35, device="cuda")
         )
+
+
+def test_jit_compiles_a_shape_outside_the_prebuilt_set(tmp_path, monkeypatch):
+    """n = 3 is served by the run-time-n variant; MHC_GEN_JIT=specialize compiles
+    pre_dyn_n3 on first use into the cache, and its result matches the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    monkeypatch.setenv("MHC_GEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MHC_GEN_JIT", "specialize")
+    n, c, t = 3, 203, 9
+    m = reference.num_logits(n)
+    x = torch.randn(t, n, c, device="cuda")
+    phi = torch.randn(n * c, m, device="cuda") / (n * c) ** 0.5
+    alpha = torch.tensor([1.0, 0.8, 1.2], device="cuda")
+    b = torch.randn(m, device="cuda")
+    with poisoned_outputs():
+        u, h_pre, h_post, h_res = mhc_gen.pre_dynamic(x, phi, alpha, b)
+    built = [p.name for p in tmp_path.rglob("*.so")]
+    assert any(name.startswith("_mhc_gen_cuda_jit_pre_dyn_n3_hany_fp32") for name in built), built
+    want = reference.dynamic_coefficients(_d(x), _d(phi), _d(alpha), _d(b))
+    assert_close(u, reference.pre(_d(x), want[0]), "u")
+    assert_close(h_res, want[2], "H_res")
