@@ -153,13 +153,21 @@ def layer_static(x, weight, b, iters, eps_rms, eps_sk, post_mult):
 # ---------------------------------------------------------------- backward
 
 
+def _post_grad_buffers(x):
+    """∂x, ∂y (x's dtype) and the per-token ∂H_post, ∂H_res (fp32) of post."""
+    t, n, c = _dims(x)
+    return (
+        empty(x.shape, x.dtype, x.device),
+        empty((t, c), x.dtype, x.device),
+        empty((t, n), torch.float32, x.device),
+        empty((t, n, n), torch.float32, x.device),
+    )
+
+
 def post_dynamic_backward(grad, x, y, h_post, h_res):
     """(∂x, ∂y, ∂H_post, ∂H_res) of post with per-token H."""
     t, n, c = _dims(x)
-    dx = empty(x.shape, x.dtype, x.device)
-    dy = empty((t, c), x.dtype, x.device)
-    dh_post = empty((t, n), torch.float32, x.device)
-    dh_res = empty((t, n, n), torch.float32, x.device)
+    dx, dy, dh_post, dh_res = _post_grad_buffers(x)
     if t:
         launch(Op.POST_BWD_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t, x=x, y=y,
                grad_out=grad, h_post_in=h_post, h_res_in=h_res, grad_x=dx, grad_y=dy,
@@ -184,10 +192,7 @@ def static_coefficients_backward(grad_h_pre, grad_h_post, grad_h_res, b, n, iter
 def post_static_backward(grad, x, y, b, iters, eps_sk, post_mult):
     """(∂x, ∂y, ∂b) of post with the static H of logits b."""
     t, n, c = _dims(x)
-    dx = empty(x.shape, x.dtype, x.device)
-    dy = empty((t, c), x.dtype, x.device)
-    dh_post = empty((t, n), torch.float32, x.device)
-    dh_res = empty((t, n, n), torch.float32, x.device)
+    dx, dy, dh_post, dh_res = _post_grad_buffers(x)
     if t:
         launch(Op.POST_BWD_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, y=y, bias=b,

@@ -152,9 +152,10 @@ __global__ void __launch_bounds__(kThreads) post_bwd_kernel(Args a) {
       float gs[NB][VEC], yv[VEC], o[VEC];
       load_pack<T, VEC>(y + tok * C + c, yv);
 #pragma unroll
-      for (int i = 0; i < NB; ++i)
+      for (int i = 0; i < NB; ++i) {
         if (i < n) load_pack<T, VEC>(gt + i * C + c, gs[i]);
-          // ∂y = Σ_i H_post[i]·G[i]
+      }
+      // ∂y = Σ_i H_post[i]·G[i]
 #pragma unroll
       for (int v = 0; v < VEC; ++v) o[v] = 0.0f;
 #pragma unroll

@@ -1,0 +1,87 @@
+"""mhc_gen.gpu's Python side on CPU, with the launcher replaced by a recorder:
+output shapes and dtypes, and that every kernel argument names an mhc::Ptr and
+is a contiguous tensor."""
+
+import pytest
+import torch
+
+from generator.spec import Op
+from mhc_gen import gpu
+from mhc_gen import reference as R
+from mhc_gen._launch import POINTERS
+
+T, N, C = 5, 3, 8
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    calls = []
+
+    def record(op, device, dtype, **kw):
+        for name, value in kw.items():
+            if isinstance(value, torch.Tensor):
+                assert name in POINTERS, f"{op}: {name} is not an mhc::Ptr"
+                assert value.is_contiguous(), f"{op}: {name} is not contiguous"
+        calls.append(op)
+
+    monkeypatch.setattr(gpu, "launch", record)
+    monkeypatch.setattr(gpu, "has_variant", lambda *a: True)
+    monkeypatch.setattr(gpu, "_phi_splits", lambda t, k, device: 2)
+    return calls
+
+
+def _inputs(dtype=torch.bfloat16):
+    m = R.num_logits(N)
+    return dict(
+        x=torch.randn(T, N, C).to(dtype),
+        y=torch.randn(T, C).to(dtype),
+        phi=torch.randn(N * C, m),
+        alpha=torch.ones(3),
+        b=torch.randn(m),
+        w=torch.ones(C),
+    )
+
+
+def test_forward_wrappers(launches):
+    v = _inputs()
+    m = R.num_logits(N)
+    u, hp, hq, hr, z, r = gpu.pre_dynamic(v["x"], v["phi"], v["alpha"], v["b"], 20, 1e-6, 1e-6, 2)
+    assert u.shape == (T, C) and u.dtype == torch.bfloat16
+    assert hr.shape == (T, N, N) and z.shape == (T, m) and r.shape == (T,)
+    assert launches == [Op.PROJ_DYN, Op.PRE_DYN]
+    out, z, r = gpu.layer_dynamic(v["x"], v["w"], v["phi"], v["alpha"], v["b"], 20, 1e-6, 1e-6, 2)
+    assert out.shape == v["x"].shape and out.dtype == v["x"].dtype
+    assert gpu.post_dynamic(v["x"], v["y"], hq, hr).shape == v["x"].shape
+    assert gpu.post_static(v["x"], v["y"], v["b"], 20, 1e-6, 2).shape == v["x"].shape
+    assert gpu.pre_static(v["x"], v["b"], 20, 1e-6, 2).shape == (T, C)
+    assert [h.shape for h in gpu.static_coefficients(v["b"], N, 20, 1e-6, 2)] == [
+        (N,),
+        (N,),
+        (N, N),
+    ]
+
+
+def test_projection_only_for_even_bf16(launches):
+    v = _inputs(torch.float32)
+    assert gpu.projection(v["x"], v["phi"], 1e-6) is None
+    v = _inputs()
+    assert gpu.projection(v["x"][:, :, :7].contiguous(), v["phi"][: N * 7], 1e-6) is None  # n·C odd
+
+
+def test_backward_wrappers(launches):
+    v = _inputs()
+    m = R.num_logits(N)
+    g = torch.randn(T, N, C).to(torch.bfloat16)
+    hq, hr = torch.rand(T, N), torch.rand(T, N, N)
+    dx, dy, dhq, dhr = gpu.post_dynamic_backward(g, v["x"], v["y"], hq, hr)
+    assert dx.shape == g.shape and dy.shape == (T, C) and dhr.shape == (T, N, N)
+    dx, dy, db = gpu.post_static_backward(g, v["x"], v["y"], v["b"], 20, 1e-6, 2)
+    assert db.shape == (m,)
+    dx, db = gpu.pre_static_backward(v["y"], v["x"], v["b"], 20, 1e-6, 2)
+    assert dx.shape == g.shape and db.shape == (m,)
+    z, r = torch.randn(T, m), torch.rand(T) + 1
+    dx, dphi, dalpha, db = gpu.pre_dynamic_backward(
+        v["y"], None, hq, hr, v["x"], z, r, v["phi"], v["alpha"], v["b"], 20, 1e-6, 1e-6, 2
+    )
+    assert dphi.shape == v["phi"].shape and dalpha.shape == (3,) and db.shape == (m,)
+    assert Op.PHI_GRAD_DYN in launches and Op.PRE_BWD_DYN in launches
