@@ -10,7 +10,9 @@ HOT_HIDDEN = (1280, 1920, 2560, 4096, 7168)
 HOT_DTYPES = (DType.BF16, DType.FP32)
 # Compile-time n with run-time hidden; n = None serves every other n ≤ 32.
 GENERIC_N = (2, 4, 8, 16, 32, None)
-PROFILES = ("minimal", "default")
+PROFILES = ("minimal", "default", "full")
+# full: every n from 1 to 32 at compile time, and the hot sizes in every dtype.
+FULL_N = (*range(1, 33), None)
 
 
 def default_tile(op: Op) -> int:
@@ -33,7 +35,8 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     specs: set[KernelSpec] = set()
-    generic_n = (None,) if profile == "minimal" else GENERIC_N
+    generic_n = {"minimal": (None,), "default": GENERIC_N, "full": FULL_N}[profile]
+    hot_dtypes = tuple(DType) if profile == "full" else HOT_DTYPES
     for op in Op:
         dtypes = tuple(DType) if op.needs_x else (DType.FP32,)
         for dtype in dtypes:
@@ -41,8 +44,8 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
                 spec = _spec(op, n, None, dtype, arch)
                 if is_supported(spec):  # e.g. the tensor-core projection: bf16 on CUDA only
                     specs.add(spec)
-        if profile == "default" and op.has_hidden_axis:
-            for dtype in HOT_DTYPES:
+        if profile != "minimal" and op.has_hidden_axis:
+            for dtype in hot_dtypes:
                 for hidden in HOT_HIDDEN:
                     specs.add(_spec(op, HOT_N, hidden, dtype, arch))
     bad = [s.name for s in specs if not is_supported(s)]
