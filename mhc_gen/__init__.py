@@ -13,6 +13,7 @@ from __future__ import annotations
 from . import library, reference
 from ._launch import forced_variant, poisoned_outputs
 from ._loader import manifest, table
+from ._version import __version__
 from .modules import MHCConnection, MHCLayer, expand_streams, reduce_streams, residual_init_bias
 from .ops import (
     dynamic_coefficients,
@@ -26,8 +27,6 @@ from .ops import (
 )
 from .select import NoKernelError, select
 
-__version__ = "0.1.0"
-
 
 def kernels(backend: str | None = None) -> list[str]:
     """Names of the compiled variants of one backend (default: every built backend)."""
@@ -37,6 +36,7 @@ def kernels(backend: str | None = None) -> list[str]:
 
 __all__ = [
     "MHCConnection",
+    "__version__",
     "MHCLayer",
     "expand_streams",
     "reduce_streams",

@@ -35,7 +35,8 @@ from generator.profiles import default_tile
 from generator.render import TEMPLATES, module_name, render_dispatch, render_variant
 from generator.spec import Arch, DType, KernelSpec, Op, is_supported
 
-VERSION = "0.1.0"
+from ._version import __version__ as VERSION
+
 POLICIES = ("missing", "specialize", "off")
 
 
