@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 import re
 
 import torch
 
 from generator.render import INCLUDE
-from generator.spec import DType, Op, parse
+from generator.spec import Arch, DType, Op, parse
 
 from . import _loader, jit
 from .select import NoKernelError, arch_for_capability, arch_for_gcn, select
@@ -67,6 +68,24 @@ def empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def target_arch(device_index: int):
+    """(backend, arch) whose variants run on the device: the device's own, or
+    MHC_GEN_ARCH (e.g. sm_80 on an H100, to test the A100 code path; the variants
+    carry PTX, so an older arch's code runs on a newer GPU)."""
+    backend, arch = device_arch(device_index)
+    forced = os.environ.get("MHC_GEN_ARCH")
+    if not forced:
+        return backend, arch
+    try:
+        over = Arch(forced)
+    except ValueError:
+        choices = [a.value for a in Arch]
+        raise ValueError(f"MHC_GEN_ARCH={forced!r}: expected one of {choices}") from None
+    if over.backend != backend:
+        raise ValueError(f"MHC_GEN_ARCH={forced}: not a {backend} arch")
+    return backend, over
+
+
 @functools.cache
 def device_arch(device_index: int):
     if torch.version.hip:
@@ -76,19 +95,18 @@ def device_arch(device_index: int):
 
 
 @functools.cache
-def _selected(op: Op, n: int, hidden: int, dtype: DType, device_index: int):
+def _selected(op: Op, n: int, hidden: int, dtype: DType, backend: str, arch: Arch, policy: str):
     """(launch function, table index): prebuilt first, else compiled on demand (mhc_gen.jit)."""
-    backend, arch = device_arch(device_index)
     mod = _loader.module(backend)
     table = _loader.table(backend)
     try:
         spec = select(op, n, hidden, dtype, arch, table)
-        if spec.n is None and jit.policy() == "specialize":
+        if spec.n is None and policy == "specialize":
             raise NoKernelError(f"{spec.name} serves n = {n} at run time")
         return mod.launch, table[spec.name]
     except NoKernelError as miss:
         target = jit.spec_for(op, n, dtype, arch)
-        if target is None or jit.policy() == "off":
+        if target is None or policy == "off":
             if mod is None:
                 raise RuntimeError(
                     f"mhc_gen: no {backend} kernels are built and compilation on demand is off; "
@@ -101,18 +119,18 @@ def _selected(op: Op, n: int, hidden: int, dtype: DType, device_index: int):
 def has_variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int) -> bool:
     """Whether a variant serves the request (for optional fast paths)."""
     try:
-        _selected(op, n, hidden, dtype, device_index)
+        _selected(op, n, hidden, dtype, *target_arch(device_index), jit.policy())
     except NoKernelError:
         return False
     return True
 
 
 def _variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int):
-    launch, index = _selected(op, n, hidden, dtype, device_index)
+    backend, arch = target_arch(device_index)
     for name in _FORCED.get():
-        if parse(name).op is op:
-            return launch, _loader.table(device_arch(device_index)[0])[name]
-    return launch, index
+        if parse(name).op is op:  # a prebuilt variant, named by a test
+            return _loader.module(backend).launch, _loader.table(backend)[name]
+    return _selected(op, n, hidden, dtype, backend, arch, jit.policy())
 
 
 def launch(
