@@ -60,3 +60,20 @@ def test_default_build_manifest():
             assert names <= lock
         for name in names:
             assert (build.DEFAULT_OUT / m["kernels"][name]["artifact"]).stat().st_size > 0
+
+
+@pytest.mark.parametrize("op", [Op.POST_DYN, Op.LAYER_DYN, Op.POST_BWD_DYN], ids=lambda o: o.value)
+def test_compile_time_n_outside_the_default_set_compiles(op, tmp_path):
+    """The full profile and compilation on demand use every n from 1 to 32; the
+    vector width must stay a valid alignment for n = 5, 6, 7, 10, ..."""
+    rule = _compile_or_skip(Arch.SM90)
+    for n in (3, 5, 6, 7, 10):
+        spec = KernelSpec(op, n, None, DType.BF16, Arch.SM90, 1 if op.backward else 4)
+        src = tmp_path / f"{spec.name}.cu"
+        src.write_text(render_variant(spec))
+        res = subprocess.run(
+            [rule.compiler, *rule.flags, "-c", str(src), "-o", str(tmp_path / f"{n}.o")],
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, f"{spec.name}: {res.stderr[-2000:]}"

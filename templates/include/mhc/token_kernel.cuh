@@ -28,12 +28,16 @@ MHC_CX int n_bound() {
 MHC_CX int num_logits(int n) { return n * n + 2 * n; }
 
 // Elements per thread access in phase 3: 16 bytes, fewer where the n
-// stream values of a vector would not fit in registers.
+// stream values of a vector would not fit in registers; a power of two, so
+// that a vector is one aligned access.
 template <typename T, int NB>
 MHC_CX int vec_width() {
-  constexpr int bytes_vec = 16 / int(sizeof(T));
-  constexpr int reg_vec = NB <= 4 ? 8 : 32 / NB;
-  return bytes_vec < reg_vec ? bytes_vec : reg_vec;
+  const int bytes_vec = 16 / int(sizeof(T));
+  const int reg_vec = NB <= 4 ? 8 : 32 / NB;
+  const int want = bytes_vec < reg_vec ? bytes_vec : reg_vec;
+  int v = 1;
+  while (v * 2 <= want) v *= 2;
+  return v;
 }
 
 // Projection columns accumulated per pass over x̄ (registers: TM × kGroup).
