@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .spec import Arch, DType, KernelSpec, Op, is_supported
+from .spec import TILES, Arch, DType, KernelSpec, Op, is_supported
 
 # The paper's hot sizes (n = 4): specialised with a compile-time hidden.
 HOT_N = 4
@@ -48,6 +48,12 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
             for dtype in hot_dtypes:
                 for hidden in HOT_HIDDEN:
                     specs.add(_spec(op, HOT_N, hidden, dtype, arch))
+                    if profile == "full" and not op.backward:
+                        # Alternative tiles at the hot sizes, for the autotuner to choose.
+                        for tile in TILES:
+                            spec = KernelSpec(op, HOT_N, hidden, dtype, arch, tile)
+                            if is_supported(spec):
+                                specs.add(spec)
     bad = [s.name for s in specs if not is_supported(s)]
     assert not bad, f"profile {profile} lists unsupported variants: {bad}"
     return sorted(specs, key=lambda s: s.name)

@@ -18,7 +18,7 @@ import torch
 from generator.render import INCLUDE
 from generator.spec import Arch, DType, Op, parse
 
-from . import _loader, jit
+from . import _loader, jit, tuning
 from .select import NoKernelError, arch_for_capability, arch_for_gcn, select
 
 DTYPES = {torch.bfloat16: DType.BF16, torch.float16: DType.FP16, torch.float32: DType.FP32}
@@ -95,12 +95,21 @@ def device_arch(device_index: int):
 
 
 @functools.cache
-def _selected(op: Op, n: int, hidden: int, dtype: DType, backend: str, arch: Arch, policy: str):
-    """(launch function, table index): prebuilt first, else compiled on demand (mhc_gen.jit)."""
+def device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+@functools.cache
+def _selected(
+    op: Op, n: int, hidden: int, dtype: DType, backend: str, arch: Arch, policy: str, gpu: str
+):
+    """(launch function, table index): prebuilt first (tuned where a table for this
+    GPU says so), else compiled on demand (mhc_gen.jit)."""
     mod = _loader.module(backend)
     table = _loader.table(backend)
+    tuned = tuning.winners(gpu, torch.__version__, torch.version.cuda)
     try:
-        spec = select(op, n, hidden, dtype, arch, table)
+        spec = select(op, n, hidden, dtype, arch, table, tuned)
         if spec.n is None and policy == "specialize":
             raise NoKernelError(f"{spec.name} serves n = {n} at run time")
         return mod.launch, table[spec.name]
@@ -119,7 +128,8 @@ def _selected(op: Op, n: int, hidden: int, dtype: DType, backend: str, arch: Arc
 def has_variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int) -> bool:
     """Whether a variant serves the request (for optional fast paths)."""
     try:
-        _selected(op, n, hidden, dtype, *target_arch(device_index), jit.policy())
+        backend, arch = target_arch(device_index)
+        _selected(op, n, hidden, dtype, backend, arch, jit.policy(), device_name(device_index))
     except NoKernelError:
         return False
     return True
@@ -130,7 +140,7 @@ def _variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int):
     for name in _FORCED.get():
         if parse(name).op is op:  # a prebuilt variant, named by a test
             return _loader.module(backend).launch, _loader.table(backend)[name]
-    return _selected(op, n, hidden, dtype, backend, arch, jit.policy())
+    return _selected(op, n, hidden, dtype, backend, arch, jit.policy(), device_name(device_index))
 
 
 def launch(

@@ -6,9 +6,12 @@ and hidden. A miss raises an error naming what was asked and what exists.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+from generator.profiles import default_tile
 from generator.spec import MAX_N, Arch, DType, KernelSpec, Op, parse
+
+from .tuning import tuning_key
 
 
 class NoKernelError(LookupError):
@@ -37,27 +40,44 @@ def arch_for_gcn(name: str) -> Arch:
 
 
 def select(
-    op: Op, n: int, hidden: int, dtype: DType, arch: Arch, available: Iterable[str]
+    op: Op,
+    n: int,
+    hidden: int,
+    dtype: DType,
+    arch: Arch,
+    available: Iterable[str],
+    tuned: Mapping[str, str] | None = None,
 ) -> KernelSpec:
-    """The best compiled variant for the request."""
+    """The best compiled variant for the request.
+
+    Shape first: exact (n, hidden), else compile-time n with run-time hidden, else
+    run-time n and hidden. Among variants of that shape that differ only in launch
+    knobs: the tuning table's winner (mhc_gen.tuning), else the default tile, else
+    the smallest name."""
     if not 1 <= n <= MAX_N:
         raise NoKernelError(f"n = {n} is not supported: mhc_gen supports 1 <= n <= {MAX_N}")
     if hidden < 1:
         raise NoKernelError(f"hidden = {hidden} is not supported: it must be >= 1")
-    by_key: dict[tuple, KernelSpec] = {}
+    by_shape: dict[tuple, list[KernelSpec]] = {}
     for name in available:
         s = parse(name)
         if s.op is op and s.dtype is dtype and s.arch is arch:
-            # Several tiles of one shape: the smallest name wins, deterministically.
-            key = (s.n, s.hidden)
-            if key not in by_key or s.name < by_key[key].name:
-                by_key[key] = s
+            by_shape.setdefault((s.n, s.hidden), []).append(s)
     for key in ((n, hidden), (n, None), (None, None)):
-        if key in by_key:
-            return by_key[key]
-    have = sorted(s.name for s in by_key.values()) or ["none"]
+        if key in by_shape:
+            return _best_knobs(by_shape[key], tuned or {})
+    have = sorted(s.name for group in by_shape.values() for s in group) or ["none"]
     raise NoKernelError(
         f"no {op.value} kernel for n={n}, hidden={hidden}, {dtype.value}, {arch.value}; "
         f"built for this op, dtype and arch: {', '.join(have)}. "
         f"Rebuild with python build.py --arch {arch.value}"
     )
+
+
+def _best_knobs(group: list[KernelSpec], tuned: Mapping[str, str]) -> KernelSpec:
+    names = {s.name: s for s in group}
+    winner = tuned.get(tuning_key(group[0]))
+    if winner in names:
+        return names[winner]
+    default = [s for s in group if s.tile == default_tile(s.op)]
+    return default[0] if default else min(group, key=lambda s: s.name)

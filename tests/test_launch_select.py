@@ -32,31 +32,37 @@ def fake(monkeypatch):
 
 
 def test_prebuilt_first(fake):
-    fn, index = _launch._selected(Op.PRE_DYN, 4, 4096, DType.BF16, "cuda", Arch.SM90, "missing")
+    fn, index = _launch._selected(
+        Op.PRE_DYN, 4, 4096, DType.BF16, "cuda", Arch.SM90, "missing", "GPU"
+    )
     assert fn == "prebuilt" and NAMES[index] == "pre_dyn_n4_h4096_bf16_tm4_sm90"
-    fn, index = _launch._selected(Op.PRE_DYN, 3, 100, DType.BF16, "cuda", Arch.SM90, "missing")
+    fn, index = _launch._selected(
+        Op.PRE_DYN, 3, 100, DType.BF16, "cuda", Arch.SM90, "missing", "GPU"
+    )
     assert NAMES[index] == "pre_dyn_nany_hany_bf16_tm4_sm90" and not fake
 
 
 def test_specialize_compiles_compile_time_n(fake):
-    fn, index = _launch._selected(Op.PRE_DYN, 3, 100, DType.BF16, "cuda", Arch.SM90, "specialize")
+    fn, index = _launch._selected(
+        Op.PRE_DYN, 3, 100, DType.BF16, "cuda", Arch.SM90, "specialize", "GPU"
+    )
     assert (fn, index) == ("jit", 0) and fake == ["pre_dyn_n3_hany_bf16_tm4_sm90"]
 
 
 def test_other_arch_compiles_on_demand_or_fails_clearly(fake):
-    fn, _ = _launch._selected(Op.POST_DYN, 4, 64, DType.FP16, "cuda", Arch.SM80, "missing")
+    fn, _ = _launch._selected(Op.POST_DYN, 4, 64, DType.FP16, "cuda", Arch.SM80, "missing", "GPU")
     assert fn == "jit" and fake == ["post_dyn_n4_hany_fp16_tm4_sm80"]
     with pytest.raises(NoKernelError, match="sm_80"):
-        _launch._selected(Op.POST_DYN, 4, 64, DType.FP16, "cuda", Arch.SM80, "off")
+        _launch._selected(Op.POST_DYN, 4, 64, DType.FP16, "cuda", Arch.SM80, "off", "GPU")
     with pytest.raises(NoKernelError, match="n = 33"):
-        _launch._selected(Op.POST_DYN, 33, 64, DType.FP16, "cuda", Arch.SM90, "missing")
+        _launch._selected(Op.POST_DYN, 33, 64, DType.FP16, "cuda", Arch.SM90, "missing", "GPU")
 
 
 def test_nothing_built_and_jit_off(fake, monkeypatch):
     monkeypatch.setattr(_loader, "module", lambda backend: None)
     monkeypatch.setattr(_loader, "table", lambda backend: {})
     with pytest.raises(RuntimeError, match="python build.py --arch sm_90"):
-        _launch._selected(Op.PRE_STATIC, 4, 64, DType.FP32, "cuda", Arch.SM90, "off")
+        _launch._selected(Op.PRE_STATIC, 4, 64, DType.FP32, "cuda", Arch.SM90, "off", "GPU")
 
 
 def test_arch_override(monkeypatch):

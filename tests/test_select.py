@@ -55,3 +55,31 @@ def test_capability_to_arch():
     assert arch_for_gcn("gfx942:sramecc+:xnack-") is Arch.GFX942
     with pytest.raises(NoKernelError):
         arch_for_gcn("gfx1100")
+
+
+def test_tuned_winner_among_tiles_else_default_tile():
+    names = [
+        "post_dyn_n4_h4096_bf16_tm1_sm90",
+        "post_dyn_n4_h4096_bf16_tm2_sm90",
+        "post_dyn_n4_h4096_bf16_tm4_sm90",
+    ]
+    pick = select(Op.POST_DYN, 4, 4096, DType.BF16, Arch.SM90, names)
+    assert pick.tile == 4  # the heuristic: the profile's default tile
+    tuned = {"post_dyn_n4_h4096_bf16_sm90": "post_dyn_n4_h4096_bf16_tm2_sm90"}
+    assert select(Op.POST_DYN, 4, 4096, DType.BF16, Arch.SM90, names, tuned).tile == 2
+    # A winner that is not built is ignored.
+    tuned = {"post_dyn_n4_h4096_bf16_sm90": "post_dyn_n4_h4096_bf16_tm8_sm90"}
+    assert select(Op.POST_DYN, 4, 4096, DType.BF16, Arch.SM90, names, tuned).tile == 4
+
+
+def test_tuning_tables_are_ignored_on_stamp_mismatch(tmp_path, monkeypatch):
+    from mhc_gen import tuning
+
+    monkeypatch.setenv("MHC_GEN_TUNING_DIR", str(tmp_path))
+    tuning.winners.cache_clear()
+    good = tuning.stamp("GPU A", "2.11", "13.0")
+    tuning.write_table(tmp_path / "a.json", good, {"k": "v"})
+    tuning.write_table(tmp_path / "b.json", {**good, "mhc_gen": "0.0.1"}, {"k2": "v2"})
+    assert tuning.winners("GPU A", "2.11", "13.0") == {"k": "v"}
+    assert tuning.winners("GPU B", "2.11", "13.0") == {}
+    tuning.winners.cache_clear()
