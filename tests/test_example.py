@@ -32,7 +32,14 @@ def test_mhc_ops_match_reference_in_training():
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_match_one(mode):
     one = _run([sys.executable, str(EXAMPLE), "--residual", "mhc", "--batch", "4", *TINY])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
     two = _run(
         [*torchrun, str(EXAMPLE), "--residual", "mhc", "--batch", "2", "--dist", mode, *TINY]
     )
