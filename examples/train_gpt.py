@@ -212,6 +212,7 @@ def main(argv=None) -> dict:
             log.write(json.dumps(dict(summary=summary)) + "\n")
             log.close()
     if args.dist != "none":
+        dist.barrier()  # no rank tears its process group down while another still uses it
         dist.destroy_process_group()
     return summary
 
