@@ -7,7 +7,7 @@ import pathlib
 import shlex
 
 from . import toolchain
-from .render import INCLUDE, module_name
+from .render import module_name
 from .spec import Arch, KernelSpec
 
 
@@ -72,20 +72,16 @@ def render(p: Plan) -> str:
             "",
         ]
     for backend, specs in sorted(p.linked.items()):
-        inc = " ".join(_q(f) for f in toolchain.python_includes())
-        cxx = _q(toolchain.host_cxx())
-        flags = f"-O2 -std=c++17 -fPIC {inc} -I{_q(INCLUDE)}"
+        compile_cmd = " ".join(_q(f) for f in toolchain.dispatch_command())
         lines += [
             f"rule dispatch_{backend}",
-            f"  command = {cxx} {flags} -MD -MF $out.d -c $in -o $out",
+            f"  command = {compile_cmd} -MD -MF $out.d -c $in -o $out",
             "  depfile = $out.d",
             "  deps = gcc",
             f"  description = {backend} dispatch table",
             "",
         ]
-        link = list(toolchain.link_command(backend))
-        if backend == "hip":
-            link += sorted({f"--offload-arch={s.arch.value}" for s in specs})
+        link = toolchain.link_command(backend, {s.arch for s in specs})
         lines += [
             f"rule link_{backend}",
             f"  command = {' '.join(_q(f) for f in link)} $in -o $out",

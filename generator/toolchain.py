@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import sys
 import sysconfig
 
 from .render import INCLUDE
@@ -88,12 +87,23 @@ def host_cxx() -> str:
     return find("c++")
 
 
-def link_command(backend: str) -> tuple[str, ...]:
+def dispatch_command() -> tuple[str, ...]:
+    """Compiler and flags for a pybind11 dispatch table (host code only, no torch)."""
+    return (host_cxx(), "-O2", "-std=c++17", "-fPIC", *python_includes(), f"-I{INCLUDE}")
+
+
+def link_command(backend: str, archs=()) -> tuple[str, ...]:
+    """The link line of a backend's module; HIP links the device code of ``archs``."""
     if backend == "cuda":
         return (find("nvcc"), "-shared", "-Xcompiler", "-fPIC")
     lib = "/usr/lib/x86_64-linux-gnu"
-    return (find("clang++-19"), "-shared", "-fPIC", "--hip-link", f"-L{lib}", "-lamdhip64")
-
-
-def python() -> str:
-    return sys.executable
+    offload = sorted({f"--offload-arch={a.value}" for a in archs})
+    return (
+        find("clang++-19"),
+        "-shared",
+        "-fPIC",
+        "--hip-link",
+        f"-L{lib}",
+        "-lamdhip64",
+        *offload,
+    )

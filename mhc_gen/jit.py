@@ -80,13 +80,10 @@ def _commands(spec: KernelSpec, src: pathlib.Path, disp: pathlib.Path, out: path
             f"{spec.arch.value}: this toolchain produces device assembly only, no loadable module"
         )
     obj, disp_obj = out.with_suffix(".kernel.o"), out.with_suffix(".dispatch.o")
-    host = [toolchain.host_cxx(), "-O2", "-std=c++17", "-fPIC", *toolchain.python_includes()]
-    link = list(toolchain.link_command(spec.arch.backend))
-    if spec.arch.backend == "hip":
-        link.append(f"--offload-arch={spec.arch.value}")
+    link = toolchain.link_command(spec.arch.backend, [spec.arch])
     return [
         [rule.compiler, *rule.flags, "-c", str(src), "-o", str(obj)],
-        [*host, f"-I{toolchain.INCLUDE}", "-c", str(disp), "-o", str(disp_obj)],
+        [*toolchain.dispatch_command(), "-c", str(disp), "-o", str(disp_obj)],
         [*link, str(disp_obj), str(obj), "-o", str(out)],
     ]
 
@@ -99,7 +96,8 @@ def cache_key(spec: KernelSpec) -> str:
         if path.is_file():
             h.update(str(path.relative_to(TEMPLATES)).encode() + b"\0" + path.read_bytes())
     rule = toolchain.compile_rule(spec.arch)
-    h.update("\0".join([rule.compiler, *rule.flags, *toolchain.python_includes()]).encode())
+    link = toolchain.link_command(spec.arch.backend, [spec.arch])
+    h.update("\0".join([rule.compiler, *rule.flags, *toolchain.dispatch_command(), *link]).encode())
     h.update(_compiler_version(rule.compiler).encode())
     return h.hexdigest()[:20]
 
