@@ -23,12 +23,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import mhc_gen  # noqa: E402
 from benchmarks.bench import time_cold  # noqa: E402
-from generator.spec import DType, Op, parse  # noqa: E402
+from generator.spec import Op, parse  # noqa: E402
 from mhc_gen import reference as R  # noqa: E402
 from mhc_gen import tuning  # noqa: E402
-from mhc_gen._launch import target_arch  # noqa: E402
-
-TORCH_DTYPE = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16, DType.FP32: torch.float32}
+from mhc_gen._launch import TORCH_DTYPES, target_arch  # noqa: E402
 
 
 def candidates(names, arch) -> dict[str, list[str]]:
@@ -49,7 +47,7 @@ def pick_winners(timings: dict[str, dict[str, float]]) -> dict[str, str]:
 def op_call(spec, tokens: int):
     """A zero-argument call of spec's op on random inputs of spec's shape."""
     n, c = spec.n or 4, spec.hidden or 4096
-    dtype = TORCH_DTYPE[spec.dtype]
+    dtype = TORCH_DTYPES[spec.dtype]
     m = R.num_logits(n)
     x = torch.randn(tokens, n, c, device="cuda").to(dtype)
     y = torch.randn(tokens, c, device="cuda").to(dtype)

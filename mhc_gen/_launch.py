@@ -22,6 +22,7 @@ from . import _loader, jit, tuning
 from .select import NoKernelError, arch_for_capability, arch_for_gcn, select
 
 DTYPES = {torch.bfloat16: DType.BF16, torch.float16: DType.FP16, torch.float32: DType.FP32}
+TORCH_DTYPES = {d: t for t, d in DTYPES.items()}
 
 
 def _pointer_names() -> tuple[str, ...]:

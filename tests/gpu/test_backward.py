@@ -14,13 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mhc_gen
-from generator.spec import DType, Op, parse
+from generator.spec import Op, parse
 from mhc_gen import reference as R
+from mhc_gen._launch import TORCH_DTYPES
 from mhc_gen.testing import GRAD_TOLERANCES, assert_close, bitwise_equal
 
 pytestmark = pytest.mark.gpu
 
-TORCH_DTYPE = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16, DType.FP32: torch.float32}
 BACKWARD = [
     name
     for name in (mhc_gen.kernels() if torch.cuda.is_available() else [])
@@ -154,7 +154,7 @@ def test_backward_variants_are_built():
 def test_backward_variant(name, data):
     spec = parse(name)
     n, c, t, seed, alpha, iters = _case(spec, data)
-    dtype = TORCH_DTYPE[spec.dtype] if spec.op.needs_x else torch.float32
+    dtype = TORCH_DTYPES[spec.dtype] if spec.op.needs_x else torch.float32
     v = _inputs(n, c, t, seed, alpha, dtype)
     h_post, h_res = _h_post_res({k: u.double() for k, u in v.items()}, iters)
     v["h_post"], v["h_res"] = h_post, h_res

@@ -13,14 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mhc_gen
-from generator.spec import DType, Op, parse
+from generator.spec import Op, parse
 from mhc_gen import reference
-from mhc_gen._launch import forced_variant, poisoned_outputs
+from mhc_gen._launch import TORCH_DTYPES, forced_variant, poisoned_outputs
 from mhc_gen.testing import TOLERANCES, assert_close, bitwise_equal
 
 pytestmark = pytest.mark.gpu
-
-TORCH_DTYPE = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16, DType.FP32: torch.float32}
 
 
 def _variants() -> list[str]:
@@ -98,7 +96,7 @@ def _d(t):
 def test_forward_variant(name, data):
     spec = parse(name)
     dev = torch.device("cuda")
-    dtype = TORCH_DTYPE[spec.dtype]
+    dtype = TORCH_DTYPES[spec.dtype]
     lead, n, c = _shape(spec, data)
     if spec.op is Op.PROJ_DYN and (n * c) % 2:
         c += 1  # the tensor-core projection takes bf16 pairs: odd n·C runs without it
@@ -145,7 +143,7 @@ def test_forward_variant(name, data):
 
 
 def test_tolerance_table_covers_every_gpu_dtype():
-    assert set(TORCH_DTYPE.values()) <= set(TOLERANCES)
+    assert set(TORCH_DTYPES.values()) <= set(TOLERANCES)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
