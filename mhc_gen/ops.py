@@ -53,7 +53,7 @@ def _check_param(op: str, name: str, t, shape: tuple, x, dtype=torch.float32):
         _fail(op, f"{name} is on {t.device} but x is on {x.device}")
     if x.device.type != "cpu":
         if t.dtype != dtype:
-            _fail(op, f"{name} must be {dtype}, got {t.dtype}")
+            _fail(op, f"{name} must have dtype {dtype}, got {t.dtype}")
         if not t.is_contiguous():
             _fail(op, f"{name} must be contiguous")
 

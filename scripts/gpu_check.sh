@@ -2,20 +2,7 @@
 # On the device machine: build for its GPU, run the GPU tests, log under $OUT.
 # Wheels for packages the image lacks travel in .whl/ (see README, "GPU tests").
 set -uo pipefail
-OUT=${OUT:-/tmp/mhc_gen_out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  missing=()
-  for w in .whl/*.whl; do
-    mod=$(basename "$w" | cut -d- -f1 | tr 'A-Z' 'a-z')
-    python3 -c "import $mod" 2>/dev/null || missing+=("$w")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${missing[@]}"
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    export PATH=/tmp/site/bin:$PATH
-  fi
-fi
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 # MHC_ARCH="sm_80 sm_90" also builds sm_80: the GPU tests then force every sm_80 variant (and
 # tests/gpu/test_arch_override.py the A100 path) on this newer GPU, through their PTX.

@@ -192,7 +192,7 @@ def test_bad_input_on_gpu():
     )
     with pytest.raises(ValueError, match="is on cpu but x is on cuda"):
         mhc_gen.pre_dynamic(x, phi.cpu(), alpha, b)
-    with pytest.raises(ValueError, match="phi must be torch.float32"):
+    with pytest.raises(ValueError, match="phi must have dtype torch.float32"):
         mhc_gen.pre_dynamic(x, phi.bfloat16(), alpha, b)
     with pytest.raises(ValueError, match="x must be contiguous"):
         mhc_gen.pre_static(x.transpose(0, 1), b)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# On the device machine, in one call: build, then any of the stages named on the command
+# line, each logged under $OUT/<stage>.log and cut off after its time budget:
+#   example   examples/compare.py on one GPU (plain / mhc / mhc-reference) -> $OUT/example/
+#   example2  examples/compare.py on two GPUs (1 GPU vs DDP vs FSDP2, one JIT build) -> $OUT/example2/
+#   sanitize  scripts/sanitize.sh (compute-sanitizer, four tools)         -> $OUT/sanitizer/
+#   bench     benchmarks/bench.py (BENCH_ARGS, default --quick)           -> $OUT/bench/
+#   tests     the GPU tests (PYTEST_ARGS)
+# Example: bash scripts/gpu_stages.sh example sanitize
+set -uo pipefail
+source "$(dirname "$0")/device_env.sh"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+start=$(date +%s)
+# shellcheck disable=SC2086
+python3 build.py --arch ${MHC_ARCH:-sm_90} -j "$(nproc)" 2>&1 | tail -3 | tee "$OUT/build.log"
+echo "build: $(($(date +%s) - start)) s" | tee -a "$OUT/build.log"
+export PYTHONUNBUFFERED=1
+stage() { # name, budget in seconds, command...
+  local name=$1 budget=$2 t0
+  shift 2
+  t0=$(date +%s)
+  timeout "$budget" "$@" >"$OUT/$name.log" 2>&1
+  echo "$name: rc $? in $(($(date +%s) - t0)) s"
+  tail -25 "$OUT/$name.log"
+}
+STEPS=${STEPS:-600}
+for s in "$@"; do
+  case $s in
+  example) stage example 330 python3 examples/compare.py --out "$OUT/example" -- --steps "$STEPS" ;;
+  example2)
+    # Two ranks, an empty JIT cache, n = 3 and MHC_GEN_JIT=specialize: the n = 3 kernels are
+    # compiled once, by one rank, while the other waits on the file lock.
+    MHC_GEN_CACHE_DIR=$OUT/jit_cache MHC_GEN_JIT=specialize stage jit2 200 python3 -m torch.distributed.run \
+      --standalone --nproc-per-node 2 examples/train_gpt.py --dist ddp --steps 3 --bf16 --n 3
+    echo "JIT builds over both ranks: $(grep -c "mhc_gen: compiling" "$OUT/jit2.log")," \
+      "kernels in the cache: $(find "$OUT/jit_cache" -name "*.so" | wc -l)"
+    stage example2 330 python3 examples/compare.py --gpus 2 --batch 16 --out "$OUT/example2" -- --steps "$STEPS"
+    ;;
+  sanitize) stage sanitize 300 bash scripts/sanitize.sh ;;
+  bench) stage bench 400 python3 benchmarks/bench.py ${BENCH_ARGS:---quick --reps 20} --out "$OUT/bench" ;;
+  tests) stage tests 400 python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} tests/gpu ;;
+  *) echo "unknown stage $s" ;;
+  esac
+done
