@@ -26,7 +26,7 @@ stage() { # name, budget in seconds, command...
 STEPS=${STEPS:-600}
 for s in "$@"; do
   case $s in
-  example) stage example 330 python3 examples/compare.py --out "$OUT/example" -- --steps "$STEPS" ;;
+  example) stage example ${EXAMPLE_S:-330} python3 examples/compare.py --out "$OUT/example" -- --steps "$STEPS" ;;
   example2)
     # Two ranks, an empty JIT cache, n = 3 and MHC_GEN_JIT=specialize: the n = 3 kernels are
     # compiled once, by one rank, while the other waits on the file lock.
@@ -36,7 +36,7 @@ for s in "$@"; do
       "kernels in the cache: $(find "$OUT/jit_cache" -name "*.so" | wc -l)"
     stage example2 330 python3 examples/compare.py --gpus 2 --batch 16 --out "$OUT/example2" -- --steps "$STEPS"
     ;;
-  sanitize) stage sanitize 300 bash scripts/sanitize.sh ;;
+  sanitize) stage sanitize ${SANITIZE_S:-300} bash scripts/sanitize.sh ;;
   bench) stage bench 400 python3 benchmarks/bench.py ${BENCH_ARGS:---quick --reps 20} --out "$OUT/bench" ;;
   tests) stage tests 400 python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} tests/gpu ;;
   *) echo "unknown stage $s" ;;
