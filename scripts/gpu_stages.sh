@@ -5,7 +5,7 @@
 #   example2  examples/compare.py on two GPUs (1 GPU vs DDP vs FSDP2, one JIT build) -> $OUT/example2/
 #   sanitize  scripts/sanitize.sh (compute-sanitizer, four tools)         -> $OUT/sanitizer/
 #   bench     benchmarks/bench.py (BENCH_ARGS, default --quick)           -> $OUT/bench/
-#   tests     the GPU tests (PYTEST_ARGS)
+#   tests     the GPU tests (PYTEST_ARGS, default tests/gpu)
 # Example: bash scripts/gpu_stages.sh example sanitize
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
@@ -38,7 +38,7 @@ for s in "$@"; do
     ;;
   sanitize) stage sanitize ${SANITIZE_S:-300} bash scripts/sanitize.sh ;;
   bench) stage bench 400 python3 benchmarks/bench.py ${BENCH_ARGS:---quick --reps 20} --out "$OUT/bench" ;;
-  tests) stage tests 400 python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} tests/gpu ;;
+  tests) stage tests 400 python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu} ;;
   *) echo "unknown stage $s" ;;
   esac
 done
