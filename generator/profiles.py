@@ -15,19 +15,22 @@ PROFILES = ("minimal", "default", "full")
 FULL_N = (*range(1, 33), None)
 
 
-def default_tile(op: Op) -> int:
-    """Tokens per block: 4 where they share φ reads or a static H, else fewer."""
+def default_tile(op: Op, n: int | None = None) -> int:
+    """Tokens per block: 4 where they share φ reads or a static H, else fewer. The
+    dynamic pre backward reads all of φ once per block: as many tokens as n allows."""
     if op in (Op.COEFFS_STATIC, Op.COEFFS_BWD_STATIC, Op.PHI_GRAD_DYN):
         return 1
     if op in (Op.POST_BWD_DYN, Op.POST_BWD_STATIC, Op.PRE_BWD_STATIC):
         return 1
-    if op in (Op.PRE_BWD_DYN, Op.PROJ_DYN):
+    if op is Op.PRE_BWD_DYN:
+        return 2 if n is None or n > 8 else 16 if n <= 4 else 8
+    if op is Op.PROJ_DYN:
         return 2
     return 4
 
 
 def _spec(op: Op, n, hidden, dtype: DType, arch: Arch) -> KernelSpec:
-    return KernelSpec(op, n, hidden, dtype, arch, default_tile(op))
+    return KernelSpec(op, n, hidden, dtype, arch, default_tile(op, n))
 
 
 def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:

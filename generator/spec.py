@@ -11,7 +11,7 @@ import enum
 import re
 
 MAX_N = 32  # one warp lane per Sinkhorn row / column
-TILES = (1, 2, 4, 8)  # tokens per block
+TILES = (1, 2, 4, 8, 16)  # tokens per block
 
 
 class Op(enum.Enum):
@@ -187,6 +187,7 @@ def is_supported(spec: KernelSpec) -> bool:
     if spec.op is Op.PROJ_DYN:
         # mma.sync on bf16: CUDA sm_80 and newer; tile = 16-token row tiles per warp.
         return spec.dtype is DType.BF16 and spec.arch.backend == "cuda" and spec.tile in (1, 2, 4)
-    if spec.op is Op.PRE_BWD_DYN and spec.tile > 2 and (spec.n is None or spec.n > 16):
-        return False  # its shared memory grows with tile × n²
-    return True
+    if spec.op is Op.PRE_BWD_DYN:
+        # Shared memory grows with tile × n², phase-1 registers with tile × n.
+        return spec.tile <= (2 if spec.n is None or spec.n > 8 else 16 if spec.n <= 4 else 8)
+    return spec.tile <= 8

@@ -224,9 +224,32 @@ def _phi_splits(t: int, k: int, device) -> int:
     return max(1, min(want, -(-t // 64), 64))
 
 
+def _phi_grad(x, dz, splits_for):
+    """∂φ = x̄ᵀ·∂z [n·C, m], fp32, in a fixed order (no atomics)."""
+    t, n, c = _dims(x)
+    k, m = n * c, dz.shape[1]
+    if x.dtype == torch.bfloat16 and x.is_cuda and torch.version.hip is None and t:
+        # One bf16 tensor-core GEMM (cuBLAS, fp32 accumulate and output): ∂z split into
+        # bf16 hi + lo halves keeps ~16 more bits than a plain cast; x is exact in bf16.
+        # (mm with out_dtype is CUDA-only; ROCm keeps the kernel below.)
+        hi = dz.to(torch.bfloat16)
+        lo = (dz - hi.float()).to(torch.bfloat16)
+        both = torch.mm(x.view(t, k).t(), torch.cat([hi, lo], 1), out_dtype=torch.float32)
+        return both[:, :m] + both[:, m:]
+    splits = splits_for(t, k, x.device) if t else 1
+    parts = empty((splits, k, m), torch.float32, x.device)
+    if t:
+        launch(Op.PHI_GRAD_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
+               splits=splits, x=x, grad_logits_in=dz, grad_phi=parts)  # fmt: skip
+    else:
+        parts.zero_()
+    return parts.sum(0)
+
+
 def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, phi, alpha, b,
-                         iters, eps_rms, eps_sk, post_mult):  # fmt: skip
-    """(∂x, ∂φ, ∂α, ∂b) of the dynamic pre (or, with grad_u None, of the coefficients)."""
+                         iters, eps_rms, eps_sk, post_mult, grad_x_in=None):  # fmt: skip
+    """(∂x, ∂φ, ∂α, ∂b) of the dynamic pre (or, with grad_u None, of the coefficients);
+    grad_x_in, a ∂x from another path, is added to ∂x in the same pass."""
     t, n, c = _dims(x)
     m = reference.num_logits(n)
     dx = empty(x.shape, x.dtype, x.device)
@@ -237,7 +260,8 @@ def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, p
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, grad_out=grad_u, grad_h_pre_in=grad_h_pre,
                grad_h_post_in=grad_h_post, grad_h_res_in=grad_h_res, z_in=z, r_in=r,
-               grad_x=dx, grad_logits=dlogits, scratch=scratch)  # fmt: skip
+               grad_x_in=grad_x_in, grad_x=dx, grad_logits=dlogits,
+               scratch=scratch)  # fmt: skip
     # Per-group sums (no index_add_: its CUDA kernel uses atomics).
     scaled = dlogits * z / r.unsqueeze(-1)  # ∂h̃·z/r
     dalpha = torch.stack(
@@ -246,12 +270,44 @@ def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, p
     db = dlogits.sum(0)
     scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
     dz = (dlogits * scale / r.unsqueeze(-1)).contiguous()
-    k = n * c
-    splits = _phi_splits(t, k, x.device) if t else 1
-    dphi_parts = empty((splits, k, m), torch.float32, x.device)
+    return dx, _phi_grad(x, dz, _phi_splits), dalpha, db
+
+
+def layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms, eps_sk,
+                           post_mult):  # fmt: skip
+    """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer. H and u come back in one pass over x
+    from the saved z and r (no second projection); RMSNorm's backward runs on [T, C]
+    in fp32; post's ∂x is added inside pre's backward kernel (no [T, n, C] sum)."""
+    t, n, c = _dims(x)
+    u = empty((t, c), x.dtype, x.device)
+    h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
     if t:
-        launch(Op.PHI_GRAD_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
-               splits=splits, x=x, grad_logits_in=dz, grad_phi=dphi_parts)  # fmt: skip
-    else:
-        dphi_parts.zero_()
-    return dx, dphi_parts.sum(0), dalpha, db
+        launch(Op.PRE_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
+               sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
+               x=x, phi=phi, alpha=alpha, bias=b, out=u, h_pre=h_pre, h_post=h_post,
+               h_res=h_res, z_in=z, r_in=r)  # fmt: skip
+    uf = u.float()
+    s = torch.rsqrt(uf.square().mean(-1, keepdim=True) + eps_rms)
+    y = (uf * s * weight).to(x.dtype)
+    dx_post, dy, dh_post, dh_res = post_dynamic_backward(grad, x, y, h_post, h_res)
+    g = dy.float() * weight
+    du = s * g - uf * s.pow(3) * (g * uf).mean(-1, keepdim=True)
+    dweight = (dy.float() * uf * s).sum(0)
+    dx, dphi, dalpha, db = pre_dynamic_backward(
+        du.to(x.dtype),
+        None,
+        dh_post,
+        dh_res,
+        x,
+        z,
+        r,
+        phi,
+        alpha,
+        b,
+        iters,
+        eps_rms,
+        eps_sk,
+        post_mult,
+        grad_x_in=dx_post,
+    )
+    return dx, dweight, dphi, dalpha, db

@@ -62,7 +62,7 @@ def cache_root() -> pathlib.Path:
 
 def spec_for(op: Op, n: int, dtype: DType, arch: Arch) -> KernelSpec | None:
     """The variant to compile for a request: compile-time n, run-time hidden."""
-    spec = KernelSpec(op, n, None, dtype if op.needs_x else DType.FP32, arch, default_tile(op))
+    spec = KernelSpec(op, n, None, dtype if op.needs_x else DType.FP32, arch, default_tile(op, n))
     return spec if is_supported(spec) else None
 
 

@@ -375,18 +375,35 @@ def _layer_dynamic_setup(ctx, inputs, output):
     ctx.cfg = (iters, eps_rms, eps_sk, post_mult)
 
 
+@torch.library.custom_op(f"{_LIB}::layer_dynamic_backward", mutates_args=())
+def layer_dynamic_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, phi: Tensor, alpha: Tensor, b: Tensor, z: Tensor,
+    r: Tensor, iters: int, eps_rms: float, eps_sk: float, post_mult: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer, from the saved z and r."""
+    if _on_cpu(x):
+        n = x.shape[1]
+
+        def fn(x_, w_, phi_, alpha_, b_):
+            z_, r_ = R.projection(x_, phi_, eps_rms=eps_rms)
+            logits = R.logits_from_projection(z_, r_, alpha_, b_, n)
+            h = R.coefficients_from_logits(logits, n, **_kw(iters, eps_sk, post_mult))
+            return R.layer(x_, w_, *h, eps_rms=eps_rms)
+
+        return tuple(_ref_grads(fn, [x, weight, phi, alpha, b], [grad]))
+    return gpu.layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms,
+                                      eps_sk, post_mult)  # fmt: skip
+
+
+@layer_dynamic_backward.register_fake
+def _(grad, x, weight, phi, alpha, b, z, r, *cfg):
+    return tuple(torch.empty_like(t) for t in (x, weight, phi, alpha, b))
+
+
 def _layer_dynamic_bwd(ctx, g, _gz, _gr):
     x, weight, phi, alpha, b, z, r = ctx.saved_tensors
-    iters, eps_rms, eps_sk, post_mult = ctx.cfg
-    h_pre, h_post, h_res, _, _ = dynamic_coefficients(x, phi, alpha, b, *ctx.cfg)
-    u, s, y = _rms_norm_parts(x, h_pre, weight, eps_rms)
-    dx_post, dy, dh_post, dh_res = post_dynamic_backward(_c(g), x, y.to(x.dtype), h_post, h_res)
-    du, dweight = _rms_norm_backward(dy, u, s, weight)
-    dx_pre, dphi, dalpha, db = pre_dynamic_backward(
-        du.to(x.dtype), None, dh_post, dh_res, x, z, r, phi, alpha, b, *ctx.cfg
-    )
-    dx = (dx_post.to(u.dtype) + dx_pre.to(u.dtype)).to(x.dtype)
-    return dx, dweight, dphi, dalpha, db, None, None, None, None
+    grads = layer_dynamic_backward(_c(g), x, weight, phi, alpha, b, z, r, *ctx.cfg)
+    return *grads, None, None, None, None
 
 
 layer_dynamic.register_autograd(_layer_dynamic_bwd, setup_context=_layer_dynamic_setup)

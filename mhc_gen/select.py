@@ -79,5 +79,5 @@ def _best_knobs(group: list[KernelSpec], tuned: Mapping[str, str]) -> KernelSpec
     winner = tuned.get(tuning_key(group[0]))
     if winner in names:
         return names[winner]
-    default = [s for s in group if s.tile == default_tile(s.op)]
+    default = [s for s in group if s.tile == default_tile(s.op, s.n)]
     return default[0] if default else min(group, key=lambda s: s.name)

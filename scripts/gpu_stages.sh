@@ -42,3 +42,9 @@ for s in "$@"; do
   *) echo "unknown stage $s" ;;
   esac
 done
+# The device tool returns a limited number of files: one archive of the stage outputs.
+dirs=$(cd "$OUT" && ls -d example example2 sanitizer bench 2>/dev/null)
+if [ -n "$dirs" ]; then
+  # shellcheck disable=SC2086
+  tar czf "$OUT/stages.tgz" -C "$OUT" $dirs && (cd "$OUT" && rm -rf $dirs)
+fi

@@ -85,3 +85,8 @@ def test_backward_wrappers(launches):
     )
     assert dphi.shape == v["phi"].shape and dalpha.shape == (3,) and db.shape == (m,)
     assert Op.PHI_GRAD_DYN in launches and Op.PRE_BWD_DYN in launches
+    w = torch.ones(C)
+    grads = gpu.layer_dynamic_backward(
+        g, v["x"], w, v["phi"], v["alpha"], v["b"], z, r, 20, 1e-6, 1e-6, 2
+    )
+    assert [t.shape for t in grads] == [g.shape, w.shape, v["phi"].shape, (3,), (m,)]

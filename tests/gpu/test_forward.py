@@ -198,7 +198,7 @@ def test_bad_input_on_gpu():
         mhc_gen.pre_static(x.transpose(0, 1), b)
     with pytest.raises(ValueError, match="not supported on GPU"):
         mhc_gen.pre_static(x.double(), b)
-    with pytest.raises(ValueError, match="y must have x's dtype|y must be"):
+    with pytest.raises(ValueError, match="y must have dtype"):
         mhc_gen.post_static(x, torch.randn(3, c, device="cuda"), b)
     with pytest.raises(ValueError, match="n = 33"):
         mhc_gen.pre_static(

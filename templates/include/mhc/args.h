@@ -32,6 +32,7 @@ enum Ptr : int {
   kZIn,           // [T, m] fp32 saved projection z = x̄·φ
   kRIn,           // [T] fp32 saved RMS r
   kGradLogitsIn,  // [T, m] fp32 ∂z (phi-grad input)
+  kGradXIn,       // [T, n, C] ∂x from another path, added to pre's ∂x; may be null
   // forward outputs
   kOut,    // u [T, C] (pre) or x_next [T, n, C] (post, layer)
   kHPre,   // [T, n] or [n]; may be null

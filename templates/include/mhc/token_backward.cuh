@@ -229,7 +229,7 @@ struct PreBwdShared {
   float grad_h_pre[TM][NB];
   float M[TM][NB][NB + 1];
   float dM[TM][NB][NB + 1];
-  float dz[TM][num_logits(NB)];  // ∂h̃, then ∂z = α·∂h̃/r
+  alignas(16) float dz[TM][(num_logits(NB) + 3) / 4 * 4];  // ∂h̃, then ∂z = α·∂h̃/r
   float r[TM];
   float dr[TM];  // ∂r / (n·C·r): the factor of x̄ in ∂x̄
   float partial[kWarps][TM * NB];
@@ -328,30 +328,64 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
     __syncthreads();
   }
 
-  // Phase 3: ∂x̄_k = H_pre[j]·∂u[c] (+ Σ_q φ[k][q]·∂z[q] + ∂r·x̄_k/(nC·r) for dynamic H).
+  // Phase 3: ∂x̄_k = H_pre[j]·∂u[c] (+ Σ_q φ[k][q]·∂z[q] + ∂r·x̄_k/(nC·r) for dynamic H)
+  // (+ ∂x from another path). Each thread owns KV consecutive k; the block's TM tokens
+  // share every φ load, four logits at a time where the rows allow 16-byte loads.
   T* dx = a.out<T>(kGradX) + t0 * K;
+  const T* dx_in = a.in<T>(kGradXIn);
+  if (dx_in) dx_in += t0 * K;
   const float* phi = a.in<float>(kPhi);
-  for (int64_t k = threadIdx.x; k < K; k += kThreads) {
-    const int j = int(k / C);
-    const int64_t c = k - int64_t(j) * C;
-    float acc[TM];
+  constexpr int KV = DYN ? 4 : 1;
+  const bool quads = DYN && m % 4 == 0 && reinterpret_cast<uintptr_t>(phi) % 16 == 0;
+  for (int64_t k0 = int64_t(threadIdx.x) * KV; k0 < K; k0 += int64_t(kThreads) * KV) {
+    float acc[TM][KV];
 #pragma unroll
-    for (int t = 0; t < TM; ++t) acc[t] = 0.0f;
+    for (int t = 0; t < TM; ++t)
+#pragma unroll
+      for (int v = 0; v < KV; ++v) acc[t][v] = 0.0f;
     if constexpr (DYN) {
-      const float* row = phi + k * m;
-      for (int q = 0; q < m; ++q) {
-        const float p = row[q];
+      if (quads && k0 + KV <= K) {
+        const float4* rows = reinterpret_cast<const float4*>(phi + k0 * m);
+        for (int q4 = 0; q4 < m / 4; ++q4) {
+          float4 p[KV];
 #pragma unroll
-        for (int t = 0; t < TM; ++t) acc[t] += p * s.dz[t < nt ? t : 0][q];
+          for (int v = 0; v < KV; ++v) p[v] = rows[v * (m / 4) + q4];
+#pragma unroll
+          for (int t = 0; t < TM; ++t) {
+            if (t >= nt) break;
+            const float4 d = *reinterpret_cast<const float4*>(&s.dz[t][4 * q4]);
+#pragma unroll
+            for (int v = 0; v < KV; ++v)
+              acc[t][v] += p[v].x * d.x + p[v].y * d.y + p[v].z * d.z + p[v].w * d.w;
+          }
+        }
+      } else {
+        for (int v = 0; v < KV && k0 + v < K; ++v)
+          for (int q = 0; q < m; ++q) {
+            const float p = phi[(k0 + v) * m + q];
+#pragma unroll
+            for (int t = 0; t < TM; ++t) {
+              if (t >= nt) break;
+              acc[t][v] += p * s.dz[t][q];
+            }
+          }
       }
     }
 #pragma unroll
-    for (int t = 0; t < TM; ++t) {
-      if (t >= nt) break;
-      const int hs = DYN ? t : 0;
-      float v = du ? s.h_pre[hs][j] * to_float(du[(t0 + t) * C + c]) : 0.0f;
-      if constexpr (DYN) v += acc[t] + s.dr[t] * to_float(x[t * K + k]);
-      dx[t * K + k] = from_float<T>(v);
+    for (int v = 0; v < KV; ++v) {
+      const int64_t k = k0 + v;
+      if (k >= K) break;
+      const int j = int(k / C);
+      const int64_t c = k - int64_t(j) * C;
+#pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        if (t >= nt) break;
+        const int hs = DYN ? t : 0;
+        float g = du ? s.h_pre[hs][j] * to_float(du[(t0 + t) * C + c]) : 0.0f;
+        if constexpr (DYN) g += acc[t][v] + s.dr[t] * to_float(x[t * K + k]);
+        if (dx_in) g += to_float(dx_in[t * K + k]);
+        dx[t * K + k] = from_float<T>(g);
+      }
     }
   }
 }
