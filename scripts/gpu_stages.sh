@@ -5,6 +5,7 @@
 #   example2  examples/compare.py on two GPUs (1 GPU vs DDP vs FSDP2, one JIT build) -> $OUT/example2/
 #   sanitize  scripts/sanitize.sh (compute-sanitizer, four tools)         -> $OUT/sanitizer/
 #   bench     benchmarks/bench.py (BENCH_ARGS, default --quick)           -> $OUT/bench/
+#   profile   benchmarks/profile_ops.py (PROFILE_ARGS): per-kernel time of a dynamic step
 #   tests     the GPU tests (PYTEST_ARGS, default tests/gpu)
 # Example: bash scripts/gpu_stages.sh example sanitize
 set -uo pipefail
@@ -37,8 +38,9 @@ for s in "$@"; do
     stage example2 330 python3 examples/compare.py --gpus 2 --batch 16 --out "$OUT/example2" -- --steps "$STEPS"
     ;;
   sanitize) stage sanitize ${SANITIZE_S:-300} bash scripts/sanitize.sh ;;
-  bench) stage bench 400 python3 benchmarks/bench.py ${BENCH_ARGS:---quick --reps 20} --out "$OUT/bench" ;;
-  tests) stage tests 400 python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu} ;;
+  bench) stage bench ${BENCH_S:-400} python3 benchmarks/bench.py ${BENCH_ARGS:---quick --reps 20} --out "$OUT/bench" ;;
+  profile) stage profile 60 python3 benchmarks/profile_ops.py ${PROFILE_ARGS:-} ;;
+  tests) stage tests ${TESTS_S:-400} python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu} ;;
   *) echo "unknown stage $s" ;;
   esac
 done
