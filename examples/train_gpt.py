@@ -128,6 +128,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", type=pathlib.Path, default=None, help="JSON lines, one per step")
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument(
+        "--profile", type=int, default=0, help="print a torch.profiler table of N steps"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return ap.parse_args(argv)
 
@@ -167,7 +170,12 @@ def main(argv=None) -> dict:
     except ImportError:
         bar = None
     losses, times = [], []
+    prof = None
     for step in range(args.steps):
+        if args.profile and rank == 0 and step == args.steps - args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]).__enter__()
         starts = torch.randint(0, len(data) - args.seq - 1, (args.batch * world,), generator=gen)
         mine = starts[rank * args.batch : (rank + 1) * args.batch]
         seqs = torch.stack([data[s : s + args.seq + 1] for s in mine.tolist()]).to(device)
@@ -198,6 +206,10 @@ def main(argv=None) -> dict:
             log.flush()
     if bar is not None:
         bar.close()
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        print(f"profile of the last {args.profile} steps:\n{table}")
     warm = times[min(10, len(times) - 1) :]
     summary = dict(
         residual=args.residual,
