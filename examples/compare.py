@@ -23,7 +23,7 @@ TRAIN = HERE / "train_gpt.py"
 def _run(name: str, cmd: list[str], out: pathlib.Path) -> dict:
     log = out / f"{name}.jsonl"
     print(f"== {name}: {' '.join(cmd)}", flush=True)
-    subprocess.run([*cmd, "--log", str(log)], check=True)
+    subprocess.run([*cmd, "--jsonl", str(log)], check=True)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     summary = rows[-1]["summary"]
     summary["name"], summary["curve"] = name, [(r["step"], r["loss"]) for r in rows[:-1]]

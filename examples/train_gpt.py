@@ -114,7 +114,9 @@ class GPT(nn.Module):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--residual", choices=["plain", "mhc", "mhc-reference"], default="mhc")
-    ap.add_argument("--n", type=int, default=4, help="mHC streams")
+    # Option names that no torchrun option starts with: torchrun's parser would take
+    # an abbreviation such as --n or --log after the script as one of its own.
+    ap.add_argument("--streams", type=int, default=4, help="mHC streams n")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
@@ -126,7 +128,7 @@ def parse_args(argv=None):
     ap.add_argument("--dist", choices=["none", "ddp", "fsdp2"], default="none")
     ap.add_argument("--data-bytes", type=int, default=20_000_000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log", type=pathlib.Path, default=None, help="JSON lines, one per step")
+    ap.add_argument("--jsonl", type=pathlib.Path, default=None, help="JSON lines, one per step")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument(
         "--profile", type=int, default=0, help="print a torch.profiler table of N steps"
@@ -147,7 +149,8 @@ def main(argv=None) -> dict:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     data = stdlib_bytes(args.data_bytes)
-    model = GPT(args.layers, args.hidden, args.heads, args.seq, args.residual, args.n).to(device)
+    model = GPT(args.layers, args.hidden, args.heads, args.seq, args.residual, args.streams)
+    model = model.to(device)
     if args.dist == "ddp":
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -162,7 +165,7 @@ def main(argv=None) -> dict:
     # Every rank draws the same global batch and takes its own slice: the loss
     # matches a one-process run with batch × world sequences.
     gen = torch.Generator().manual_seed(args.seed + 1)
-    log = open(args.log, "w") if args.log and rank == 0 else None  # noqa: SIM115
+    log = open(args.jsonl, "w") if args.jsonl and rank == 0 else None  # noqa: SIM115
     try:
         from tqdm import tqdm
 
@@ -195,7 +198,7 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")

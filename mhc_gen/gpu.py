@@ -34,18 +34,18 @@ def _coeff_outputs(lead, n, device):
 
 def projection(x, phi, eps_rms):
     """(z, r) from the tensor-core projection (projection.cuh), or None where no
-    variant serves: x not bf16, n·C odd, or no CUDA build. The fused kernels then
-    project on CUDA cores themselves."""
+    variant serves: n·C odd, or no CUDA build (HIP). The fused kernels then project
+    on CUDA cores themselves."""
     t, n, c = _dims(x)
     k = n * c
-    if x.dtype != torch.bfloat16 or k % 2 or x.data_ptr() % 4 or t == 0:
+    if k % 2 or x.data_ptr() % 4 or t == 0:
         return None
-    if not has_variant(Op.PROJ_DYN, n, c, DType.BF16, x.device.index):
+    if not has_variant(Op.PROJ_DYN, n, c, DTYPES[x.dtype], x.device.index):
         return None
     z = empty((t, reference.num_logits(n)), torch.float32, x.device)
     r = empty((t,), torch.float32, x.device)
-    launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, eps_rms=eps_rms, x=x,
-           phi=phi, z_out=z, r_out=r)  # fmt: skip
+    launch(Op.PROJ_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t, eps_rms=eps_rms,
+           x=x, phi=phi, z_out=z, r_out=r)  # fmt: skip
     return z, r
 
 
@@ -224,18 +224,28 @@ def _phi_splits(t: int, k: int, device) -> int:
     return max(1, min(want, -(-t // 64), 64))
 
 
+def _split_bf16(v):
+    """v ≈ hi + lo, both bf16 (hi = v rounded; lo = the rounding error, rounded)."""
+    hi = v.to(torch.bfloat16)
+    return hi, (v.float() - hi).to(torch.bfloat16)  # promotes hi to fp32 in the kernel
+
+
 def _phi_grad(x, dz, splits_for):
     """∂φ = x̄ᵀ·∂z [n·C, m], fp32, in a fixed order (no atomics)."""
     t, n, c = _dims(x)
     k, m = n * c, dz.shape[1]
-    if x.dtype == torch.bfloat16 and x.is_cuda and torch.version.hip is None and t:
-        # One bf16 tensor-core GEMM (cuBLAS, fp32 accumulate and output): ∂z split into
-        # bf16 hi + lo halves keeps ~16 more bits than a plain cast; x is exact in bf16.
-        # (mm with out_dtype is CUDA-only; ROCm keeps the kernel below.)
-        hi = dz.to(torch.bfloat16)
-        lo = (dz - hi.float()).to(torch.bfloat16)
-        both = torch.mm(x.view(t, k).t(), torch.cat([hi, lo], 1), out_dtype=torch.float32)
-        return both[:, :m] + both[:, m:]
+    if x.is_cuda and torch.version.hip is None and t:
+        # bf16 tensor-core GEMMs (cuBLAS, fp32 accumulate and output), operands split
+        # into bf16 hi + lo halves (~16 bits each): x̄ᵀ·∂z ≈ x_hiᵀ·(∂z_hi + ∂z_lo) + x_loᵀ·∂z_hi.
+        # bf16 x is exact (no x_lo). mm with out_dtype is CUDA-only: ROCm keeps the kernel.
+        x2 = x.view(t, k)
+        dz_hi, dz_lo = _split_bf16(dz)
+        if x.dtype == torch.bfloat16:
+            both = torch.mm(x2.t(), torch.cat([dz_hi, dz_lo], 1), out_dtype=torch.float32)
+            return both[:, :m] + both[:, m:]
+        x_hi, x_lo = _split_bf16(x2)
+        both = torch.mm(x_hi.t(), torch.cat([dz_hi, dz_lo], 1), out_dtype=torch.float32)
+        return both[:, :m] + both[:, m:] + torch.mm(x_lo.t(), dz_hi, out_dtype=torch.float32)
     splits = splits_for(t, k, x.device) if t else 1
     parts = empty((splits, k, m), torch.float32, x.device)
     if t:

@@ -6,6 +6,7 @@
 #   sanitize  scripts/sanitize.sh (compute-sanitizer, four tools)         -> $OUT/sanitizer/
 #   bench     benchmarks/bench.py (BENCH_ARGS, default --quick)           -> $OUT/bench/
 #   profile   benchmarks/profile_ops.py (PROFILE_ARGS): per-kernel time of a dynamic step
+#   ncu       Nsight Compute on the kernels matching NCU_KERNELS in that step
 #   tests     the GPU tests (PYTEST_ARGS, default tests/gpu)
 # Example: bash scripts/gpu_stages.sh example sanitize
 set -uo pipefail
@@ -27,12 +28,12 @@ stage() { # name, budget in seconds, command...
 STEPS=${STEPS:-600}
 for s in "$@"; do
   case $s in
-  example) stage example ${EXAMPLE_S:-330} python3 examples/compare.py --out "$OUT/example" -- --steps "$STEPS" ;;
+  example) stage example ${EXAMPLE_S:-330} python3 examples/compare.py --out "$OUT/example" -- --steps "$STEPS" ${EXAMPLE_ARGS:-} ;;
   example2)
     # Two ranks, an empty JIT cache, n = 3 and MHC_GEN_JIT=specialize: the n = 3 kernels are
     # compiled once, by one rank, while the other waits on the file lock.
     MHC_GEN_CACHE_DIR=/tmp/mhc_jit_cache MHC_GEN_JIT=specialize stage jit2 200 python3 -m torch.distributed.run \
-      --standalone --nproc-per-node 2 examples/train_gpt.py --dist ddp --steps 3 --bf16 --n 3
+      --standalone --nproc-per-node 2 examples/train_gpt.py --dist ddp --steps 3 --bf16 --streams 3
     echo "JIT builds over both ranks: $(grep -c "mhc_gen: compiling" "$OUT/jit2.log")," \
       "kernels in the cache: $(find /tmp/mhc_jit_cache -name "*.so" | wc -l)"
     stage example2 330 python3 examples/compare.py --gpus 2 --batch 16 --out "$OUT/example2" -- --steps "$STEPS"
@@ -40,6 +41,13 @@ for s in "$@"; do
   sanitize) stage sanitize ${SANITIZE_S:-300} bash scripts/sanitize.sh ;;
   bench) stage bench ${BENCH_S:-400} python3 benchmarks/bench.py ${BENCH_ARGS:---quick --reps 20} --out "$OUT/bench" ;;
   profile) stage profile 60 python3 benchmarks/profile_ops.py ${PROFILE_ARGS:-} ;;
+  ncu)
+    # One launch of each kernel matching NCU_KERNELS: bandwidth, occupancy, stall reasons.
+    stage ncu 150 ncu --kernel-name "regex:${NCU_KERNELS:-pre_bwd|projection|token_kernel}" \
+      --launch-count "${NCU_COUNT:-4}" --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python3 benchmarks/profile_ops.py ${PROFILE_ARGS:-}
+    ;;
   tests) stage tests ${TESTS_S:-400} python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu} ;;
   *) echo "unknown stage $s" ;;
   esac

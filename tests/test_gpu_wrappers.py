@@ -61,9 +61,11 @@ def test_forward_wrappers(launches):
     ]
 
 
-def test_projection_only_for_even_bf16(launches):
-    v = _inputs(torch.float32)
-    assert gpu.projection(v["x"], v["phi"], 1e-6) is None
+def test_projection_for_even_n_times_c(launches):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        v = _inputs(dtype)
+        z, r = gpu.projection(v["x"], v["phi"], 1e-6)
+        assert z.shape == (T, R.num_logits(N)) and r.shape == (T,)
     v = _inputs()
     assert gpu.projection(v["x"][:, :, :7].contiguous(), v["phi"][: N * 7], 1e-6) is None  # n·C odd
 
