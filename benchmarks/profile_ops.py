@@ -25,10 +25,13 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=16384)
     ap.add_argument("--C", type=int, default=4096)
     ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--no-profiler", action="store_true", help="one step only (for ncu)")
     args = ap.parse_args()
     t, c, n = args.T, args.C, args.n
     m = R.num_logits(n)
-    x = torch.randn(t, n, c, device="cuda").bfloat16().requires_grad_()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    x = torch.randn(t, n, c, device="cuda").to(dtype).requires_grad_()
     phi = (torch.randn(n * c, m, device="cuda") * 1e-3).requires_grad_()
     alpha = torch.full((3,), 0.01, device="cuda", requires_grad=True)
     b = mhc_gen.residual_init_bias(n).cuda().requires_grad_()
@@ -41,14 +44,16 @@ def main() -> None:
         out = mhc_gen.layer_dynamic(x, w, phi, alpha, b)
         torch.autograd.grad(out, [x, w, phi, alpha, b], grad)
 
-    for _ in range(3):
+    for _ in range(1 if args.no_profiler else 3):
         step()
     torch.cuda.synchronize()
+    if args.no_profiler:
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"T={t} C={c} n={n}, 5 steps (pre_dynamic fwd + layer_dynamic fwd+bwd):")
+    print(f"T={t} C={c} n={n} {args.dtype}, 5 steps (pre_dynamic fwd + layer_dynamic fwd+bwd):")
     print(
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
     )

@@ -46,7 +46,7 @@ for s in "$@"; do
     stage ncu 150 ncu --kernel-name "regex:${NCU_KERNELS:-pre_bwd|projection|token_kernel}" \
       --launch-count "${NCU_COUNT:-4}" --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-      python3 benchmarks/profile_ops.py ${PROFILE_ARGS:-}
+      python3 benchmarks/profile_ops.py --no-profiler ${PROFILE_ARGS:-}
     ;;
   tests) stage tests ${TESTS_S:-400} python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu} ;;
   *) echo "unknown stage $s" ;;
