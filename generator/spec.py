@@ -185,8 +185,9 @@ def is_supported(spec: KernelSpec) -> bool:
     if spec.op is Op.PHI_GRAD_DYN and spec.tile != 1:
         return False
     if spec.op is Op.PROJ_DYN:
-        # mma.sync on bf16 operands: CUDA sm_80 and newer; tile = 16-token row tiles per warp.
-        return spec.arch.backend == "cuda" and spec.tile in (1, 2, 4)
+        # mma.sync on bf16: CUDA sm_80 and newer; tile = 16-token row tiles per warp. Only
+        # bf16 x: fp32 x split into bf16 halves missed the fp32 gradient tolerance (∂α).
+        return spec.dtype is DType.BF16 and spec.arch.backend == "cuda" and spec.tile in (1, 2, 4)
     if spec.op is Op.PRE_BWD_DYN:
         # Shared memory grows with tile × n², phase-1 registers with tile × n.
         return spec.tile <= (2 if spec.n is None or spec.n > 8 else 16 if spec.n <= 4 else 8)

@@ -29,7 +29,7 @@ def _pointer_names() -> tuple[str, ...]:
     """mhc::Ptr's enumerators, in order, as snake_case: kGradHPreIn -> grad_h_pre_in."""
     text = (INCLUDE / "mhc" / "args.h").read_text()
     body = text[text.index("enum Ptr : int {") : text.index("kNumPtrs")]
-    names = re.findall(r"^\s+k([A-Za-z]+)\s*,", body, re.M)
+    names = re.findall(r"^\s+k([A-Za-z0-9]+)\s*,", body, re.M)
     return tuple(re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower() for n in names)
 
 

@@ -34,19 +34,24 @@ def _coeff_outputs(lead, n, device):
 
 def projection(x, phi, eps_rms):
     """(z, r) from the tensor-core projection (projection.cuh), or None where no
-    variant serves: n·C odd, or no CUDA build (HIP). The fused kernels then project
-    on CUDA cores themselves."""
+    variant serves: x not bf16, n·C odd, or no CUDA build. The fused kernels then
+    project on CUDA cores themselves (in exact fp32)."""
     t, n, c = _dims(x)
     k = n * c
-    if k % 2 or x.data_ptr() % 4 or t == 0:
+    if x.dtype != torch.bfloat16 or k % 2 or x.data_ptr() % 4 or t == 0:
         return None
-    if not has_variant(Op.PROJ_DYN, n, c, DTYPES[x.dtype], x.device.index):
+    if not has_variant(Op.PROJ_DYN, n, c, DType.BF16, x.device.index):
         return None
-    z = empty((t, reference.num_logits(n)), torch.float32, x.device)
-    r = empty((t,), torch.float32, x.device)
-    launch(Op.PROJ_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t, eps_rms=eps_rms,
-           x=x, phi=phi, z_out=z, r_out=r)  # fmt: skip
-    return z, r
+    m = reference.num_logits(n)
+    splits = _projection_splits(t, k, m, x.device)
+    z = empty((splits, t, m) if splits > 1 else (t, m), torch.float32, x.device)
+    r = empty((splits, t) if splits > 1 else (t,), torch.float32, x.device)
+    launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, eps_rms=eps_rms,
+           splits=splits, x=x, phi=phi, z_out=z, r_out=r)  # fmt: skip
+    if splits == 1:
+        return z, r
+    # Partial sums per chunk of n·C, added in chunk order; r as token_rms computes it.
+    return z.sum(0), torch.sqrt(r.sum(0) / k + eps_rms)
 
 
 def _projected(x, phi, eps_rms):
@@ -164,14 +169,15 @@ def _post_grad_buffers(x):
     )
 
 
-def post_dynamic_backward(grad, x, y, h_post, h_res):
-    """(∂x, ∂y, ∂H_post, ∂H_res) of post with per-token H."""
+def post_dynamic_backward(grad, x, y, h_post, h_res, y_f32=None):
+    """(∂x, ∂y, ∂H_post, ∂H_res) of post with per-token H; y_f32, an fp32 y, replaces y."""
     t, n, c = _dims(x)
     dx, dy, dh_post, dh_res = _post_grad_buffers(x)
     if t:
-        launch(Op.POST_BWD_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t, x=x, y=y,
-               grad_out=grad, h_post_in=h_post, h_res_in=h_res, grad_x=dx, grad_y=dy,
-               grad_h_post=dh_post, grad_h_res=dh_res)  # fmt: skip
+        launch(Op.POST_BWD_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t, x=x,
+               y=y if y_f32 is None else None, y_f32=y_f32, grad_out=grad, h_post_in=h_post,
+               h_res_in=h_res, grad_x=dx, grad_y=dy, grad_h_post=dh_post,
+               grad_h_res=dh_res)  # fmt: skip
     else:
         dh_post.zero_(), dh_res.zero_()
     return dx, dy, dh_post, dh_res
@@ -189,29 +195,30 @@ def static_coefficients_backward(grad_h_pre, grad_h_post, grad_h_res, b, n, iter
     return db
 
 
-def post_static_backward(grad, x, y, b, iters, eps_sk, post_mult):
-    """(∂x, ∂y, ∂b) of post with the static H of logits b."""
+def post_static_backward(grad, x, y, b, iters, eps_sk, post_mult, y_f32=None):
+    """(∂x, ∂y, ∂b) of post with the static H of logits b; y_f32, an fp32 y, replaces y."""
     t, n, c = _dims(x)
     dx, dy, dh_post, dh_res = _post_grad_buffers(x)
     if t:
         launch(Op.POST_BWD_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
-               sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, y=y, bias=b,
-               grad_out=grad, grad_x=dx, grad_y=dy, grad_h_post=dh_post,
-               grad_h_res=dh_res)  # fmt: skip
+               sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x,
+               y=y if y_f32 is None else None, y_f32=y_f32, bias=b, grad_out=grad, grad_x=dx,
+               grad_y=dy, grad_h_post=dh_post, grad_h_res=dh_res)  # fmt: skip
     db = static_coefficients_backward(None, dh_post.sum(0), dh_res.sum(0), b, n, iters, eps_sk,
                                       post_mult)  # fmt: skip
     return dx, dy, db
 
 
-def pre_static_backward(grad_u, x, b, iters, eps_sk, post_mult):
-    """(∂x, ∂b) of u = H_pre·x with the static H of logits b."""
+def pre_static_backward(grad_u, x, b, iters, eps_sk, post_mult, grad_x_in=None):
+    """(∂x, ∂b) of u = H_pre·x with the static H of logits b; grad_x_in is added to ∂x."""
     t, n, c = _dims(x)
     dx = empty(x.shape, x.dtype, x.device)
     dh_pre = empty((t, n), torch.float32, x.device)
     if t:
         launch(Op.PRE_BWD_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, bias=b,
-               grad_out=grad_u, grad_x=dx, grad_h_pre=dh_pre)  # fmt: skip
+               grad_out=grad_u, grad_x_in=grad_x_in, grad_x=dx,
+               grad_h_pre=dh_pre)  # fmt: skip
     db = static_coefficients_backward(dh_pre.sum(0), None, None, b, n, iters, eps_sk, post_mult)
     return dx, db
 
@@ -224,6 +231,19 @@ def _phi_splits(t: int, k: int, device) -> int:
     return max(1, min(want, -(-t // 64), 64))
 
 
+_PROJ_ROWS, _PROJ_COLS = 32, 64  # tokens and logit columns per projection block (tile 2)
+
+
+def _projection_splits(t: int, k: int, m: int, device) -> int:
+    """Chunks of n·C for the projection when tokens alone give too few blocks (short
+    sequences, large n): at least two blocks per SM, each chunk ≥ 1024 wide."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if t else 1
+    blocks = -(-t // _PROJ_ROWS) * -(-m // _PROJ_COLS)
+    if blocks >= 2 * sms:
+        return 1
+    return max(1, min(-(-2 * sms // blocks), k // 1024, 64))
+
+
 def _split_bf16(v):
     """v ≈ hi + lo, both bf16 (hi = v rounded; lo = the rounding error, rounded)."""
     hi = v.to(torch.bfloat16)
@@ -234,10 +254,11 @@ def _phi_grad(x, dz, splits_for):
     """∂φ = x̄ᵀ·∂z [n·C, m], fp32, in a fixed order (no atomics)."""
     t, n, c = _dims(x)
     k, m = n * c, dz.shape[1]
-    if x.is_cuda and torch.version.hip is None and t:
-        # bf16 tensor-core GEMMs (cuBLAS, fp32 accumulate and output), operands split
-        # into bf16 hi + lo halves (~16 bits each): x̄ᵀ·∂z ≈ x_hiᵀ·(∂z_hi + ∂z_lo) + x_loᵀ·∂z_hi.
-        # bf16 x is exact (no x_lo). mm with out_dtype is CUDA-only: ROCm keeps the kernel.
+    if x.dtype != torch.float32 and x.is_cuda and torch.version.hip is None and t:
+        # bf16 tensor-core GEMMs (cuBLAS, fp32 accumulate and output) on operands split
+        # into bf16 hi + lo: x̄ᵀ·∂z ≈ x_hiᵀ·(∂z_hi + ∂z_lo) + x_loᵀ·∂z_hi. bf16 and fp16 x are
+        # exact in hi (+ lo); ∂z keeps ~16 bits. fp32 x keeps the exact fp32 kernel below,
+        # and ROCm too (mm with out_dtype is CUDA-only).
         x2 = x.view(t, k)
         dz_hi, dz_lo = _split_bf16(dz)
         if x.dtype == torch.bfloat16:
@@ -264,45 +285,51 @@ def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, p
     m = reference.num_logits(n)
     dx = empty(x.shape, x.dtype, x.device)
     dlogits = empty((t, m), torch.float32, x.device)
+    dz = empty((t, m), torch.float32, x.device)
+    dalpha_tok = empty((t, 3), torch.float32, x.device)
     scratch = empty((t, 2 * max(iters, 1) * n), torch.float32, x.device)
     if t:
         launch(Op.PRE_BWD_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, grad_out=grad_u, grad_h_pre_in=grad_h_pre,
                grad_h_post_in=grad_h_post, grad_h_res_in=grad_h_res, z_in=z, r_in=r,
-               grad_x_in=grad_x_in, grad_x=dx, grad_logits=dlogits,
+               phi_t=phi.t().contiguous(), grad_x_in=grad_x_in, grad_x=dx,
+               grad_logits=dlogits, grad_z=dz, grad_alpha_tok=dalpha_tok,
                scratch=scratch)  # fmt: skip
-    # Per-group sums (no index_add_: its CUDA kernel uses atomics).
-    scaled = dlogits * z / r.unsqueeze(-1)  # ∂h̃·z/r
-    dalpha = torch.stack(
-        [scaled[:, :n].sum(), scaled[:, n : 2 * n].sum(), scaled[:, 2 * n :].sum()]
-    )
-    db = dlogits.sum(0)
-    scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
-    dz = (dlogits * scale / r.unsqueeze(-1)).contiguous()
-    return dx, _phi_grad(x, dz, _phi_splits), dalpha, db
+    # Token sums in torch's fixed order (the kernel wrote per-token values; no atomics).
+    return dx, _phi_grad(x, dz, _phi_splits), dalpha_tok.sum(0), dlogits.sum(0)
+
+
+def _rms_norm(u32, weight, eps_rms):
+    """(s, y) of y = u·s·w, s = 1/sqrt(mean(u²) + eps), in fp32 on [T, C]."""
+    s = torch.rsqrt(u32.square().mean(-1, keepdim=True) + eps_rms)
+    return s, u32 * s * weight
+
+
+def _rms_norm_backward(dy, u32, s, weight):
+    """(∂u, ∂w) of y = u·s·w."""
+    g = dy.float() * weight
+    du = s * g - u32 * s.pow(3) * (g * u32).mean(-1, keepdim=True)
+    return du, (dy.float() * u32 * s).sum(0)
 
 
 def layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms, eps_sk,
                            post_mult):  # fmt: skip
-    """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer. H and u come back in one pass over x
-    from the saved z and r (no second projection); RMSNorm's backward runs on [T, C]
-    in fp32; post's ∂x is added inside pre's backward kernel (no [T, n, C] sum)."""
+    """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer. H and u (fp32, as the fused forward has
+    it) come back in one pass over x from the saved z and r (no second projection);
+    RMSNorm's backward runs on [T, C] in fp32; post's backward reads y in fp32; its ∂x is
+    added inside pre's backward kernel (no [T, n, C] sum)."""
     t, n, c = _dims(x)
-    u = empty((t, c), x.dtype, x.device)
+    u32 = empty((t, c), torch.float32, x.device)
     h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
     if t:
         launch(Op.PRE_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
-               x=x, phi=phi, alpha=alpha, bias=b, out=u, h_pre=h_pre, h_post=h_post,
+               x=x, phi=phi, alpha=alpha, bias=b, u_f32=u32, h_pre=h_pre, h_post=h_post,
                h_res=h_res, z_in=z, r_in=r)  # fmt: skip
-    uf = u.float()
-    s = torch.rsqrt(uf.square().mean(-1, keepdim=True) + eps_rms)
-    y = (uf * s * weight).to(x.dtype)
-    dx_post, dy, dh_post, dh_res = post_dynamic_backward(grad, x, y, h_post, h_res)
-    g = dy.float() * weight
-    du = s * g - uf * s.pow(3) * (g * uf).mean(-1, keepdim=True)
-    dweight = (dy.float() * uf * s).sum(0)
+    s, y32 = _rms_norm(u32, weight, eps_rms)
+    dx_post, dy, dh_post, dh_res = post_dynamic_backward(grad, x, None, h_post, h_res, y32)
+    du, dweight = _rms_norm_backward(dy, u32, s, weight)
     dx, dphi, dalpha, db = pre_dynamic_backward(
         du.to(x.dtype),
         None,
@@ -321,3 +348,19 @@ def layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms,
         grad_x_in=dx_post,
     )
     return dx, dweight, dphi, dalpha, db
+
+
+def layer_static_backward(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult):
+    """(∂x, ∂w, ∂b) of the seed's layer with static H, as layer_dynamic_backward."""
+    t, n, c = _dims(x)
+    u32 = empty((t, c), torch.float32, x.device)
+    if t:
+        launch(Op.PRE_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
+               sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, bias=b,
+               u_f32=u32)  # fmt: skip
+    s, y32 = _rms_norm(u32, weight, eps_rms)
+    dx_post, dy, db_post = post_static_backward(grad, x, None, b, iters, eps_sk, post_mult, y32)
+    du, dweight = _rms_norm_backward(dy, u32, s, weight)
+    dx, db_pre = pre_static_backward(du.to(x.dtype), x, b, iters, eps_sk, post_mult,
+                                     grad_x_in=dx_post)  # fmt: skip
+    return dx, dweight, db_post + db_pre

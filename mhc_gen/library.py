@@ -329,23 +329,8 @@ post_static.register_autograd(_post_static_bwd, setup_context=_static_setup)
 
 
 # ================================================================ the seed's layer
-# Forward: one fused kernel. Backward: recompute H and u, then post's backward,
-# RMSNorm's backward (torch ops, fp32) and pre's backward.
-
-
-def _rms_norm_parts(x, h_pre, weight, eps_rms):
-    """u, 1/rms(u), y = u·s·w in ≥ fp32, for the recomputation."""
-    dt = R._math_dtype(x.dtype)
-    u = torch.einsum("tn,tnc->tc", h_pre.to(dt), x.to(dt))
-    s = torch.rsqrt(u.square().mean(-1, keepdim=True) + eps_rms)
-    return u, s, u * s * weight
-
-
-def _rms_norm_backward(dy, u, s, weight):
-    """(∂u, ∂w) of y = u·s·w with s = 1/sqrt(mean(u²) + eps)."""
-    g = dy.to(u.dtype) * weight
-    du = s * g - u * s.pow(3) * (g * u).mean(-1, keepdim=True)
-    return du, (dy.to(u.dtype) * u * s).sum(0)
+# Forward: one fused kernel. Backward: one op (gpu.layer_*_backward) that recomputes H
+# and u, then runs post's backward, RMSNorm's backward (fp32) and pre's backward.
 
 
 @torch.library.custom_op(f"{_LIB}::layer_dynamic", mutates_args=())
@@ -425,19 +410,31 @@ def _(x, weight, b, iters, eps_rms, eps_sk, post_mult):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op(f"{_LIB}::layer_static_backward", mutates_args=())
+def layer_static_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, b: Tensor, iters: int, eps_rms: float, eps_sk: float,
+    post_mult: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(∂x, ∂w, ∂b) of the seed's layer with static H."""
+    if _on_cpu(x):
+
+        def fn(x_, w_, b_):
+            h = R.static_coefficients(b_, x_.shape[1], **_kw(iters, eps_sk, post_mult))
+            return R.layer(x_, w_, *h, eps_rms=eps_rms)
+
+        return tuple(_ref_grads(fn, [x, weight, b], [grad]))
+    return gpu.layer_static_backward(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult)
+
+
+@layer_static_backward.register_fake
+def _(grad, x, weight, b, *cfg):
+    return tuple(torch.empty_like(t) for t in (x, weight, b))
+
+
 def _layer_static_bwd(ctx, g):
     x, weight, b = ctx.saved_tensors
-    iters, eps_rms, eps_sk, post_mult = ctx.cfg
-    n = x.shape[1]
-    h_pre, _, _ = static_coefficients(b, n, iters, eps_sk, post_mult)
-    u, s, y = _rms_norm_parts(x, h_pre.expand(x.shape[0], n), weight, eps_rms)
-    dx_post, dy, db_post = post_static_backward(
-        _c(g), x, y.to(x.dtype), b, iters, eps_sk, post_mult
-    )
-    du, dweight = _rms_norm_backward(dy, u, s, weight)
-    dx_pre, db_pre = pre_static_backward(du.to(x.dtype), x, b, iters, eps_sk, post_mult)
-    dx = (dx_post.to(u.dtype) + dx_pre.to(u.dtype)).to(x.dtype)
-    return dx, dweight, db_post + db_pre, None, None, None, None
+    grads = layer_static_backward(_c(g), x, weight, b, *ctx.cfg)
+    return *grads, None, None, None, None
 
 
 layer_static.register_autograd(_layer_static_bwd, setup_context=_static_setup)

@@ -102,6 +102,22 @@ def test_non_finite_stays_in_its_token(bad, dynamic):
     assert not torch.isfinite(out[2]).all()
 
 
+def test_fp16_overflow_is_inf_in_its_token_only():
+    """fp16: the math is fp32; only a stored value beyond ±65504 rounds to ±inf (as in
+    torch's own fp16 ops). No NaN from finite input, and other tokens are untouched."""
+    v = _inputs(torch.float16)
+    x, y = v["x"].clone(), v["y"].clone()
+    x[2], y[2] = 60000.0, 60000.0
+    clean = mhc_gen.post_static(v["x"], v["y"], v["b"])
+    out = mhc_gen.post_static(x, y, v["b"])
+    others = [t for t in range(T) if t != 2]
+    assert bitwise_equal(out[others], clean[others])
+    assert torch.isinf(out[2]).any() and not torch.isnan(out[2]).any()
+    u, h_pre, h_post, h_res = mhc_gen.pre_dynamic(x, v["phi"], v["alpha"], v["b"])
+    assert torch.isfinite(h_pre).all() and torch.isfinite(h_res).all()
+    assert not torch.isnan(u).any()
+
+
 def test_two_streams_and_two_threads_match_serial():
     v = _inputs()
 

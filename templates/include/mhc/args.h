@@ -33,6 +33,9 @@ enum Ptr : int {
   kRIn,           // [T] fp32 saved RMS r
   kGradLogitsIn,  // [T, m] fp32 ∂z (phi-grad input)
   kGradXIn,       // [T, n, C] ∂x from another path, added to pre's ∂x; may be null
+  kPhiT,          // [m, n·C] fp32 φᵀ for pre's backward (coalesced per logit); may be null
+  kYF32,          // [T, C] fp32 y for post's backward instead of kY (the seed layer's
+                  // y = RMSNorm(u)·w, which its fused forward never rounds); may be null
   // forward outputs
   kOut,    // u [T, C] (pre) or x_next [T, n, C] (post, layer)
   kHPre,   // [T, n] or [n]; may be null
@@ -40,15 +43,18 @@ enum Ptr : int {
   kHRes,   // [T, n, n] or [n, n]; may be null
   kZOut,   // [T, m] fp32 z for the backward; may be null
   kROut,   // [T] fp32 r for the backward; may be null
+  kUF32,   // [T, C] fp32 u instead of kOut (pre; the seed layer's backward recompute)
   // backward outputs
-  kGradX,       // [T, n, C] variant dtype
-  kGradY,       // [T, C] variant dtype
-  kGradHPre,    // [T, n] fp32 per token
-  kGradHPost,   // [T, n] fp32 per token
-  kGradHRes,    // [T, n, n] fp32 per token
-  kGradLogits,  // [T, m] fp32 ∂h̃ (or [m] static)
-  kGradPhi,     // [n·C, m] fp32
-  kScratch,     // [T, iters, 2, n] fp32 Sinkhorn divisors
+  kGradX,         // [T, n, C] variant dtype
+  kGradY,         // [T, C] variant dtype
+  kGradHPre,      // [T, n] fp32 per token
+  kGradHPost,     // [T, n] fp32 per token
+  kGradHRes,      // [T, n, n] fp32 per token
+  kGradLogits,    // [T, m] fp32 ∂h̃ (or [m] static)
+  kGradZ,         // [T, m] fp32 ∂z = α·∂h̃/r (pre backward, for ∂φ); may be null
+  kGradAlphaTok,  // [T, 3] fp32 per-token ∂α (pre backward; summed over tokens later); may be null
+  kGradPhi,       // [n·C, m] fp32
+  kScratch,       // [T, iters, 2, n] fp32 Sinkhorn divisors
   kNumPtrs
 };
 
@@ -58,7 +64,8 @@ struct Args {
   int64_t hidden;
   int n;
   int sinkhorn_iters;
-  int splits;  // phi_grad: token chunks, each summed into its own ∂φ slice
+  int splits;  // phi_grad: token chunks, each summed into its own ∂φ slice; projection: K
+               // chunks, each writing its partial z [T, m] and Σx̄² [T] (summed by the caller)
   float eps_rms;
   float eps_sk;
   float post_mult;

@@ -1,11 +1,11 @@
-// The dynamic-H projection z = x̄·φ and r = RMS(x̄) on tensor cores.
+// The dynamic-H projection z = x̄·φ and r = RMS(x̄) on tensor cores (bf16 x).
 //
-// φ (fp32) is split as it is loaded into two bf16 operands, φ ≈ hi + lo, and so is
-// x unless it is bf16 (exact as it is): bf16 x takes two mma.sync per tile
-// (x·φ_hi + x·φ_lo), fp16 and fp32 x three (x_hi·φ_hi + x_hi·φ_lo + x_lo·φ_hi), which
-// keeps about 16 bits of each operand: z matches an fp32 product to ~1e-5 relative.
-// A block owns 16·MT tokens and up to 64 logit columns; its 8 warps split K and are
-// summed in warp order (deterministic).
+// φ (fp32) is split as it is loaded into two bf16 operands, φ ≈ hi + lo: two
+// bf16 mma.sync per tile keep about 17 bits of φ, and x (bf16) is exact, so z
+// matches an fp32 product to ~1e-6. A block owns 16·MT tokens, up to 64 logit columns and
+// one of `splits` chunks of K; its 8 warps split the chunk and are summed in warp order
+// (deterministic). With more than one chunk (few tokens: too few blocks to fill the GPU
+// otherwise) each chunk writes partial sums, which the caller adds in chunk order.
 #pragma once
 
 #include "args.h"
@@ -18,42 +18,11 @@ namespace mhc {
 
 constexpr int kProjColTiles = 8;  // 8 columns each: 64 logit columns per block
 
-template <typename T>
-struct IsBf16 {
-  static constexpr bool value = false;
-};
-template <>
-struct IsBf16<bf16> {
-  static constexpr bool value = true;
-};
-
-// (v0, v1) as packed bf16 pairs hi and lo with v ≈ hi + lo.
-MHC_DEV void split_pair(float v0, float v1, uint32_t& hi, uint32_t& lo) {
-  const bf16 h0 = from_float<bf16>(v0), h1 = from_float<bf16>(v1);
-  const bf16 l0 = from_float<bf16>(v0 - to_float(h0)), l1 = from_float<bf16>(v1 - to_float(h1));
-  hi = uint32_t(h0.bits) | (uint32_t(h1.bits) << 16);
-  lo = uint32_t(l0.bits) | (uint32_t(l1.bits) << 16);
-}
-
-// x[row][k] and x[row][k+1] as the mma's packed operands hi (+ lo), zero outside
-// [0, rows) × [0, K); adds their squares to sq. K is even, so k < K implies k + 1 < K.
-// bf16 is exact in hi (one 32-bit load); other types are split.
-MHC_DEV void load_x_pair(const bf16* x, int64_t row, int64_t rows, int64_t K, int64_t k,
-                         uint32_t& hi, uint32_t& lo, float& sq) {
-  hi = lo = 0u;
-  if (row >= rows || k >= K) return;
-  hi = *reinterpret_cast<const uint32_t*>(x + row * K + k);
-  const float a = to_float(bf16{uint16_t(hi & 0xffffu)}), b = to_float(bf16{uint16_t(hi >> 16)});
-  sq += a * a + b * b;
-}
-template <typename T>
-MHC_DEV void load_x_pair(const T* x, int64_t row, int64_t rows, int64_t K, int64_t k, uint32_t& hi,
-                         uint32_t& lo, float& sq) {
-  hi = lo = 0u;
-  if (row >= rows || k >= K) return;
-  const float a = to_float(x[row * K + k]), b = to_float(x[row * K + k + 1]);
-  sq += a * a + b * b;
-  split_pair(a, b, hi, lo);
+// Two consecutive bf16 of row `row` at k, as the mma's packed operand; zero
+// outside [0, rows) × [0, K). K is even, so k < K implies k + 1 < K.
+MHC_DEV uint32_t load_pair(const uint16_t* base, int64_t row, int64_t rows, int64_t K, int64_t k) {
+  if (row >= rows || k >= K) return 0u;
+  return *reinterpret_cast<const uint32_t*>(base + row * K + k);
 }
 
 // φ[k][col] and φ[k+1][col] as packed bf16 pairs hi and lo, φ ≈ hi + lo
@@ -65,7 +34,16 @@ MHC_DEV void load_phi_pair(const float* phi, int64_t col, int m, int64_t K, int6
     p0 = phi[k * m + col];
     p1 = phi[(k + 1) * m + col];
   }
-  split_pair(p0, p1, hi, lo);
+  const bf16 h0 = from_float<bf16>(p0), h1 = from_float<bf16>(p1);
+  const bf16 l0 = from_float<bf16>(p0 - to_float(h0)), l1 = from_float<bf16>(p1 - to_float(h1));
+  hi = uint32_t(h0.bits) | (uint32_t(h1.bits) << 16);
+  lo = uint32_t(l0.bits) | (uint32_t(l1.bits) << 16);
+}
+
+MHC_DEV float pair_sq(uint32_t v) {
+  bf16 lo{uint16_t(v & 0xffffu)}, hi{uint16_t(v >> 16)};
+  const float a = to_float(lo), b = to_float(hi);
+  return a * a + b * b;
 }
 
 MHC_DEV void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -76,9 +54,8 @@ MHC_DEV void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <typename T, int N, int HIDDEN, int MT>
+template <int N, int HIDDEN, int MT>
 __global__ void __launch_bounds__(kThreads) projection_kernel(Args a) {
-  constexpr bool kSplitX = !IsBf16<T>::value;
   constexpr int NT = kProjColTiles;
   constexpr int ROWS = 16 * MT;
   __shared__ float red[ROWS][8 * NT + 1];
@@ -88,13 +65,13 @@ __global__ void __launch_bounds__(kThreads) projection_kernel(Args a) {
   const int m_pad = (m + 7) / 8 * 8;
   const int64_t C = HIDDEN ? HIDDEN : a.hidden;
   const int64_t K = int64_t(n) * C;
-  const int64_t tokens = a.tokens;
+  const int64_t T = a.tokens;
   const int64_t t0 = int64_t(blockIdx.x) * ROWS;
   const int col0 = int(blockIdx.y) * 8 * NT;
   const int tiles = (m_pad - col0) / 8 < NT ? (m_pad - col0) / 8 : NT;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int g = lane / 4, q = lane % 4;
-  const T* x = a.in<T>(kX);
+  const uint16_t* x = a.in<uint16_t>(kX);
   const float* phi = a.in<float>(kPhi);
 
   float acc[MT][NT][4];
@@ -108,15 +85,21 @@ __global__ void __launch_bounds__(kThreads) projection_kernel(Args a) {
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
   }
 
-  for (int64_t k0 = int64_t(warp) * 16; k0 < K; k0 += kWarps * 16) {
-    uint32_t af[MT][4], al[MT][4];  // x ≈ af + al (al zero for bf16 x)
+  // This block's chunk of K, a multiple of 16 wide: a 16-wide k step is in one chunk.
+  const int64_t chunk = (K + 16 * int64_t(gridDim.z) - 1) / (16 * int64_t(gridDim.z)) * 16;
+  const int64_t k_begin = int64_t(blockIdx.z) * chunk;
+  const int64_t k_end = k_begin + chunk < K ? k_begin + chunk : K;
+  for (int64_t k0 = k_begin + int64_t(warp) * 16; k0 < k_end; k0 += kWarps * 16) {
+    uint32_t af[MT][4];
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
       const int64_t r0 = t0 + i * 16 + g, r1 = r0 + 8;
-      load_x_pair(x, r0, tokens, K, k0 + 2 * q, af[i][0], al[i][0], sq[i][0]);
-      load_x_pair(x, r1, tokens, K, k0 + 2 * q, af[i][1], al[i][1], sq[i][1]);
-      load_x_pair(x, r0, tokens, K, k0 + 2 * q + 8, af[i][2], al[i][2], sq[i][0]);
-      load_x_pair(x, r1, tokens, K, k0 + 2 * q + 8, af[i][3], al[i][3], sq[i][1]);
+      af[i][0] = load_pair(x, r0, T, K, k0 + 2 * q);
+      af[i][1] = load_pair(x, r1, T, K, k0 + 2 * q);
+      af[i][2] = load_pair(x, r0, T, K, k0 + 2 * q + 8);
+      af[i][3] = load_pair(x, r1, T, K, k0 + 2 * q + 8);
+      sq[i][0] += pair_sq(af[i][0]) + pair_sq(af[i][2]);
+      sq[i][1] += pair_sq(af[i][1]) + pair_sq(af[i][3]);
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -129,7 +112,6 @@ __global__ void __launch_bounds__(kThreads) projection_kernel(Args a) {
       for (int i = 0; i < MT; ++i) {
         mma_bf16(acc[i][j], af[i], h0, h1);
         mma_bf16(acc[i][j], af[i], l0, l1);
-        if constexpr (kSplitX) mma_bf16(acc[i][j], al[i], h0, h1);
       }
     }
   }
@@ -164,27 +146,31 @@ __global__ void __launch_bounds__(kThreads) projection_kernel(Args a) {
     }
     __syncthreads();
   }
-  float* z = a.out<float>(kZOut);
+  const bool partial = gridDim.z > 1;  // z and Σx̄² of this chunk, at [blockIdx.z]
+  float* z = a.out<float>(kZOut) + (partial ? int64_t(blockIdx.z) * T * m : 0);
+  float* r = a.out<float>(kROut) + (partial ? int64_t(blockIdx.z) * T : 0);
   for (int idx = threadIdx.x; idx < ROWS * 8 * tiles; idx += kThreads) {
     const int row = idx / (8 * tiles), col = idx % (8 * tiles);
-    if (t0 + row < tokens && col0 + col < m) z[(t0 + row) * m + col0 + col] = red[row][col];
+    if (t0 + row < T && col0 + col < m) z[(t0 + row) * m + col0 + col] = red[row][col];
   }
   if (blockIdx.y == 0)
     for (int row = threadIdx.x; row < ROWS; row += kThreads)
-      if (t0 + row < tokens) a.out<float>(kROut)[t0 + row] = token_rms(red_sq[row], K, a.eps_rms);
+      if (t0 + row < T) r[t0 + row] = partial ? red_sq[row] : token_rms(red_sq[row], K, a.eps_rms);
 }
 
 template <typename T, int N, int HIDDEN, int TM, Op OP, bool DYN>
 int launch_projection(const Args& a) {
+  static_assert(sizeof(T) == 2, "the tensor-core projection takes bf16 x");
   if (a.n < 1 || a.n > kMaxN || (N && a.n != N)) return kBadN;
   if (HIDDEN && a.hidden != HIDDEN) return kBadHidden;
   const int64_t K = int64_t(a.n) * a.hidden;
-  if (K % 2 != 0 || !aligned_to(a.p[kX], 4)) return kBadHidden;  // pairs of x
+  if (K % 2 != 0 || !aligned_to(a.p[kX], 4)) return kBadHidden;  // pairs of bf16
   if (a.tokens == 0) return kOk;
   const int m_pad = (num_logits(a.n) + 7) / 8 * 8;
   const dim3 grid(unsigned((a.tokens + 16 * TM - 1) / (16 * TM)),
-                  unsigned((m_pad + 8 * kProjColTiles - 1) / (8 * kProjColTiles)));
-  projection_kernel<T, N, HIDDEN, TM><<<grid, kThreads, 0, static_cast<stream_t>(a.stream)>>>(a);
+                  unsigned((m_pad + 8 * kProjColTiles - 1) / (8 * kProjColTiles)),
+                  unsigned(a.splits < 1 ? 1 : a.splits));
+  projection_kernel<N, HIDDEN, TM><<<grid, kThreads, 0, static_cast<stream_t>(a.stream)>>>(a);
   return int(last_error());
 }
 

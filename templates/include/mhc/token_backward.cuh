@@ -133,6 +133,7 @@ __global__ void __launch_bounds__(kThreads) post_bwd_kernel(Args a) {
 
   const T* x = a.in<T>(kX);
   const T* y = a.in<T>(kY);
+  const float* y32 = a.in<float>(kYF32);
   const T* g = a.in<T>(kGradOut);
   T* dx = a.out<T>(kGradX);
   T* dy = a.out<T>(kGradY);
@@ -150,7 +151,10 @@ __global__ void __launch_bounds__(kThreads) post_bwd_kernel(Args a) {
     for (int k = 0; k < (kSmallN ? NB * NB : 1); ++k) acc_res[k] = 0.0f;
     for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
       float gs[NB][VEC], yv[VEC], o[VEC];
-      load_pack<T, VEC>(y + tok * C + c, yv);
+      if (y32)
+        load_pack<float, VEC>(y32 + tok * C + c, yv);
+      else
+        load_pack<T, VEC>(y + tok * C + c, yv);
 #pragma unroll
       for (int i = 0; i < NB; ++i) {
         if (i < n) load_pack<T, VEC>(gt + i * C + c, gs[i]);
@@ -303,19 +307,25 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
                                 s.grad_h_pre[t], ghp ? ghp + tok * n : nullptr,
                                 ghr ? ghr + tok * n * n : nullptr, s.h_pre[t], s.h_post[t], s.M[t],
                                 s.dM[t], s.dz[t]);
-      // ∂h̃ out; ∂z = α_g·∂h̃/r; ∂r = −Σ_k α_g·∂h̃_k·z_k/r².
-      float dr = 0.0f;
+      // ∂h̃ out; ∂z = α_g·∂h̃/r; ∂α_g = Σ_{k∈g} ∂h̃_k·z_k/r; ∂r = −Σ_g α_g·∂α_g/r.
+      float da[3] = {0.0f, 0.0f, 0.0f};
+      float* dz_out = a.out<float>(kGradZ);
       for (int k = lane; k < m; k += kWarp) {
         const float dl = s.dz[t][k];
         a.out<float>(kGradLogits)[tok * m + k] = dl;
-        const float al = alpha[k < n ? 0 : (k < 2 * n ? 1 : 2)];
-        dr -= al * dl * z[k] / (r * r);
-        s.dz[t][k] = al * dl / r;
+        const int grp = k < n ? 0 : (k < 2 * n ? 1 : 2);
+        da[grp] += dl * z[k] / r;
+        s.dz[t][k] = alpha[grp] * dl / r;
+        if (dz_out) dz_out[tok * m + k] = s.dz[t][k];
       }
-      dr = warp_sum(dr);
+#pragma unroll
+      for (int grp = 0; grp < 3; ++grp) da[grp] = warp_sum(da[grp]);
       if (lane == 0) {
+        const float dr = -(alpha[0] * da[0] + alpha[1] * da[1] + alpha[2] * da[2]) / r;
         s.r[t] = r;
         s.dr[t] = dr / (float(K) * r);
+        if (float* dat = a.out<float>(kGradAlphaTok))
+          for (int grp = 0; grp < 3; ++grp) dat[tok * 3 + grp] = da[grp];
       }
     }
     __syncthreads();
@@ -330,13 +340,16 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
 
   // Phase 3: ∂x̄_k = H_pre[j]·∂u[c] (+ Σ_q φ[k][q]·∂z[q] + ∂r·x̄_k/(nC·r) for dynamic H)
   // (+ ∂x from another path). Each thread owns KV consecutive k; the block's TM tokens
-  // share every φ load, four logits at a time where the rows allow 16-byte loads.
+  // share every φ load. Fast path: φᵀ, so that a warp's loads of one logit's row are
+  // one contiguous 512-byte run (φ's own rows, 4·m floats apart per lane, were not).
   T* dx = a.out<T>(kGradX) + t0 * K;
   const T* dx_in = a.in<T>(kGradXIn);
   if (dx_in) dx_in += t0 * K;
   const float* phi = a.in<float>(kPhi);
+  const float* phi_t = a.in<float>(kPhiT);
   constexpr int KV = DYN ? 4 : 1;
-  const bool quads = DYN && m % 4 == 0 && reinterpret_cast<uintptr_t>(phi) % 16 == 0;
+  const bool quads =
+      DYN && phi_t && m % 4 == 0 && K % 4 == 0 && reinterpret_cast<uintptr_t>(phi_t) % 16 == 0;
   for (int64_t k0 = int64_t(threadIdx.x) * KV; k0 < K; k0 += int64_t(kThreads) * KV) {
     float acc[TM][KV];
 #pragma unroll
@@ -345,18 +358,20 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
       for (int v = 0; v < KV; ++v) acc[t][v] = 0.0f;
     if constexpr (DYN) {
       if (quads && k0 + KV <= K) {
-        const float4* rows = reinterpret_cast<const float4*>(phi + k0 * m);
-        for (int q4 = 0; q4 < m / 4; ++q4) {
-          float4 p[KV];
+        static_assert(!DYN || KV == 4, "the φᵀ path moves four k per 16-byte load");
+        for (int q = 0; q < m; q += 4) {
+          float4 p[4];  // φᵀ[q + i][k0 .. k0 + 3]
 #pragma unroll
-          for (int v = 0; v < KV; ++v) p[v] = rows[v * (m / 4) + q4];
+          for (int i = 0; i < 4; ++i)
+            p[i] = *reinterpret_cast<const float4*>(phi_t + int64_t(q + i) * K + k0);
 #pragma unroll
           for (int t = 0; t < TM; ++t) {
             if (t >= nt) break;
-            const float4 d = *reinterpret_cast<const float4*>(&s.dz[t][4 * q4]);
-#pragma unroll
-            for (int v = 0; v < KV; ++v)
-              acc[t][v] += p[v].x * d.x + p[v].y * d.y + p[v].z * d.z + p[v].w * d.w;
+            const float4 d = *reinterpret_cast<const float4*>(&s.dz[t][q]);
+            acc[t][0] += p[0].x * d.x + p[1].x * d.y + p[2].x * d.z + p[3].x * d.w;
+            acc[t][1] += p[0].y * d.x + p[1].y * d.y + p[2].y * d.z + p[3].y * d.w;
+            acc[t][2] += p[0].z * d.x + p[1].z * d.y + p[2].z * d.z + p[3].z * d.w;
+            acc[t][3] += p[0].w * d.x + p[1].w * d.y + p[2].w * d.z + p[3].w * d.w;
           }
         }
       } else {
@@ -464,7 +479,7 @@ int launch_backward(const Args& a) {
     const int vb = VEC * int(sizeof(T));
     const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) && aligned_to(a.p[kY], vb) &&
                         aligned_to(a.p[kGradOut], vb) && aligned_to(a.p[kGradX], vb) &&
-                        aligned_to(a.p[kGradY], vb);
+                        aligned_to(a.p[kGradY], vb) && aligned_to(a.p[kYF32], VEC * 4);
     if constexpr (OP == BwdOp::Post) {
       if (vec_ok)
         post_bwd_kernel<T, N, HIDDEN, TM, DYN, VEC><<<unsigned(blocks), kThreads, 0, stream>>>(a);

@@ -174,8 +174,8 @@ MHC_DEV void store_coefficients(const Args& a, int n, int slot, int64_t t,
 }
 
 // Phase 3 for one token and one vector of VEC columns starting at c.
-template <typename T, int NB, int VEC>
-MHC_DEV void pre_vector(const T* xt, T* ut, int64_t C, int n, const float* h_pre, int64_t c) {
+template <typename T, int NB, int VEC, typename U>
+MHC_DEV void pre_vector(const T* xt, U* ut, int64_t C, int n, const float* h_pre, int64_t c) {
   float acc[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) acc[v] = 0.0f;
@@ -188,7 +188,7 @@ MHC_DEV void pre_vector(const T* xt, T* ut, int64_t C, int n, const float* h_pre
       for (int v = 0; v < VEC; ++v) acc[v] += h_pre[j] * xv[v];
     }
   }
-  store_pack<T, VEC>(ut + c, acc);
+  store_pack<U, VEC>(ut + c, acc);
 }
 
 // x_next[i] = Σ_j H_res[i][j]·x[j] + H_post[i]·y for one vector of columns.
@@ -272,6 +272,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
   const int64_t c_hi = c_lo + chunk < C ? c_lo + chunk : C;
   const T* x = a.in<T>(kX);
   T* out = a.out<T>(kOut);
+  float* u32 = a.out<float>(kUF32);
   const int64_t token_elems = int64_t(n) * C;
 
   if constexpr (OP == Op::Pre || OP == Op::Post) {
@@ -282,7 +283,10 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
       const T* xt = x + (t0 + t) * token_elems;
       for (int64_t c = c_lo + int64_t(threadIdx.x) * VEC; c < c_hi; c += int64_t(kThreads) * VEC) {
         if constexpr (OP == Op::Pre) {
-          pre_vector<T, NB, VEC>(xt, out + (t0 + t) * C, C, n, s.h_pre[hs], c);
+          if (u32)
+            pre_vector<T, NB, VEC>(xt, u32 + (t0 + t) * C, C, n, s.h_pre[hs], c);
+          else
+            pre_vector<T, NB, VEC>(xt, out + (t0 + t) * C, C, n, s.h_pre[hs], c);
         } else {
           float yv[VEC];
           load_pack<T, VEC>(a.in<T>(kY) + (t0 + t) * C + c, yv);
@@ -376,7 +380,7 @@ int launch(const Args& a) {
     constexpr int VEC = vec_width<T, n_bound<N>()>();
     const int vb = VEC * int(sizeof(T));
     const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) && aligned_to(a.p[kY], vb) &&
-                        aligned_to(a.p[kOut], vb);
+                        aligned_to(a.p[kOut], vb) && aligned_to(a.p[kUF32], VEC * 4);
     // Split C over grid.y where no reduction over C is needed: short token
     // counts still fill the GPU.
     const bool split = OP == Op::Post || (OP == Op::Pre && !DYN);
