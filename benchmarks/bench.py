@@ -298,15 +298,14 @@ def main(argv=None) -> int:
     copy_tbs = copy_bandwidth()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_TBps=copy_tbs)
     print(f"{meta['gpu']}: copy {copy_tbs:.2f} TB/s", flush=True)
-    layer_rows = []
-    configs = SEED_CONFIGS + ([] if args.quick else LARGE_CONFIGS)
-    for t, c, n in configs:
-        for dynamic in (False, True):
-            for backward in (False,) if args.quick else (False, True):
-                row = bench_layer(t, c, n, torch.bfloat16, dynamic, backward, args.reps, copy_tbs)
-                layer_rows.append(row)
-                print(json.dumps(row), flush=True)
-    op_rows = []
+    layer_rows, op_rows = [], []
+
+    def save():  # after every row: a run cut short still leaves its results
+        (args.out / "results.json").write_text(
+            json.dumps(dict(meta=meta, layer=layer_rows, ops=op_rows), indent=1)
+        )
+        (args.out / "results.md").write_text(markdown(meta, layer_rows, op_rows))
+
     for dtype in (torch.bfloat16, torch.float32):
         op_rows += bench_ops(16384, 4096, 4, dtype, args.reps, copy_tbs)
     if not args.quick:
@@ -314,13 +313,17 @@ def main(argv=None) -> int:
             op_rows += bench_ops(
                 2048 if n == 32 else 8192, 4096, n, torch.bfloat16, args.reps, copy_tbs
             )
-    (args.out / "results.json").write_text(
-        json.dumps(dict(meta=meta, layer=layer_rows, ops=op_rows), indent=1)
-    )
-    md = markdown(meta, layer_rows, op_rows)
-    (args.out / "results.md").write_text(md)
+    save()
+    configs = SEED_CONFIGS + ([] if args.quick else LARGE_CONFIGS)
+    for t, c, n in configs:
+        for dynamic in (False, True):
+            for backward in (False,) if args.quick else (False, True):
+                row = bench_layer(t, c, n, torch.bfloat16, dynamic, backward, args.reps, copy_tbs)
+                layer_rows.append(row)
+                print(json.dumps(row), flush=True)
+                save()
     plots(args.out, layer_rows, op_rows)
-    print(md)
+    print(markdown(meta, layer_rows, op_rows))
     return 0
 
 

@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--no-profiler", action="store_true", help="one step only (for ncu)")
+    ap.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations")
     args = ap.parse_args()
     t, c, n = args.T, args.C, args.n
     m = R.num_logits(n)
@@ -40,8 +41,8 @@ def main() -> None:
 
     def step():
         with torch.no_grad():
-            mhc_gen.pre_dynamic(x, phi, alpha, b)
-        out = mhc_gen.layer_dynamic(x, w, phi, alpha, b)
+            mhc_gen.pre_dynamic(x, phi, alpha, b, sinkhorn_iters=args.iters)
+        out = mhc_gen.layer_dynamic(x, w, phi, alpha, b, sinkhorn_iters=args.iters)
         torch.autograd.grad(out, [x, w, phi, alpha, b], grad)
 
     for _ in range(1 if args.no_profiler else 3):
@@ -53,7 +54,10 @@ def main() -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"T={t} C={c} n={n} {args.dtype}, 5 steps (pre_dynamic fwd + layer_dynamic fwd+bwd):")
+    print(
+        f"T={t} C={c} n={n} {args.dtype} iters={args.iters}, 5 steps"
+        " (pre_dynamic fwd + layer_dynamic fwd+bwd):"
+    )
     print(
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
     )
