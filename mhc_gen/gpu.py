@@ -313,6 +313,15 @@ def _rms_norm_backward(dy, u32, s, weight):
     return du, (dy.float() * u32 * s).sum(0)
 
 
+def _pre_backward_inputs(x, du32, dx_post):
+    """(x, ∂u, ∂x_post) for pre's backward kernel in the seed layer's backward. ∂u from
+    RMSNorm's backward scales with eps/(u² + eps) and can sit far below fp16's smallest
+    normal (6e-5): fp16 runs the fp32 kernel on fp32 copies rather than flush ∂u to zero."""
+    if x.dtype == torch.float16:
+        return x.float(), du32, dx_post.float()
+    return x, du32.to(x.dtype), dx_post
+
+
 def layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms, eps_sk,
                            post_mult):  # fmt: skip
     """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer. H and u (fp32, as the fused forward has
@@ -330,24 +339,11 @@ def layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms,
     s, y32 = _rms_norm(u32, weight, eps_rms)
     dx_post, dy, dh_post, dh_res = post_dynamic_backward(grad, x, None, h_post, h_res, y32)
     du, dweight = _rms_norm_backward(dy, u32, s, weight)
-    dx, dphi, dalpha, db = pre_dynamic_backward(
-        du.to(x.dtype),
-        None,
-        dh_post,
-        dh_res,
-        x,
-        z,
-        r,
-        phi,
-        alpha,
-        b,
-        iters,
-        eps_rms,
-        eps_sk,
-        post_mult,
-        grad_x_in=dx_post,
-    )
-    return dx, dweight, dphi, dalpha, db
+    xp, du, dx_post = _pre_backward_inputs(x, du, dx_post)
+    dx, dphi, dalpha, db = pre_dynamic_backward(du, None, dh_post, dh_res, xp, z, r, phi, alpha,
+                                                b, iters, eps_rms, eps_sk, post_mult,
+                                                grad_x_in=dx_post)  # fmt: skip
+    return dx.to(x.dtype), dweight, dphi, dalpha, db
 
 
 def layer_static_backward(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult):
@@ -361,6 +357,6 @@ def layer_static_backward(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult)
     s, y32 = _rms_norm(u32, weight, eps_rms)
     dx_post, dy, db_post = post_static_backward(grad, x, None, b, iters, eps_sk, post_mult, y32)
     du, dweight = _rms_norm_backward(dy, u32, s, weight)
-    dx, db_pre = pre_static_backward(du.to(x.dtype), x, b, iters, eps_sk, post_mult,
-                                     grad_x_in=dx_post)  # fmt: skip
-    return dx, dweight, db_post + db_pre
+    xp, du, dx_post = _pre_backward_inputs(x, du, dx_post)
+    dx, db_pre = pre_static_backward(du, xp, b, iters, eps_sk, post_mult, grad_x_in=dx_post)
+    return dx.to(x.dtype), dweight, db_post + db_pre

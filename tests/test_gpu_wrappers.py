@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from generator.render import INCLUDE
-from generator.spec import Op
+from generator.spec import DType, Op
 from mhc_gen import gpu
 from mhc_gen import reference as R
 from mhc_gen._launch import POINTERS
@@ -105,3 +105,21 @@ def test_pointer_names_cover_every_enumerator():
     assert len(POINTERS) == len(enumerators)
     for name, enumerator in zip(POINTERS, enumerators, strict=True):
         assert name.replace("_", "") == enumerator[1:].lower()
+
+
+def test_fp16_layer_backward_runs_pre_backward_in_fp32(monkeypatch):
+    """∂u of the layer's RMSNorm can underflow fp16: pre's backward runs on fp32 copies."""
+    dtypes = []
+    monkeypatch.setattr(gpu, "launch", lambda op, device, dtype, **kw: dtypes.append((op, dtype)))
+    monkeypatch.setattr(gpu, "has_variant", lambda *a: True)
+    monkeypatch.setattr(gpu, "_phi_splits", lambda t, k, device: 1)
+    v = _inputs(torch.float16)
+    z, r = torch.randn(T, R.num_logits(N)), torch.rand(T) + 1
+    g = torch.randn(T, N, C).half()
+    w = torch.ones(C)
+    dx, *_ = gpu.layer_dynamic_backward(g, v["x"], w, v["phi"], v["alpha"], v["b"], z, r, 20,
+                                        1e-6, 1e-6, 2)  # fmt: skip
+    dx_static, *_ = gpu.layer_static_backward(g, v["x"], w, v["b"], 20, 1e-6, 1e-6, 2)
+    assert dx.dtype == dx_static.dtype == torch.float16
+    assert (Op.PRE_BWD_DYN, DType.FP32) in dtypes and (Op.PRE_BWD_STATIC, DType.FP32) in dtypes
+    assert (Op.POST_BWD_DYN, DType.FP16) in dtypes
