@@ -57,15 +57,17 @@ def report(results: list[dict], out: pathlib.Path, gpu: str) -> str:
             f"| {r['name']} | {r['world']} | {r['final_loss']:.4f} | {1e3 * r['median_step_s']:.1f}"
             f" | {overhead:+.1f}% | {r['peak_bytes'] / 2**30:.2f} |"
         )
-    if len(results) > 1:
-        gaps = []
-        for r in results[1:]:
-            pairs = zip(base["curve"], r["curve"], strict=False)
-            gaps.append(max(abs(a[1] - b[1]) for a, b in pairs))
-        lines += ["", "Largest loss gap to the first row at a logged step: "]
-        lines[-1] += ", ".join(
-            f"{r['name']} {g:.4f}" for r, g in zip(results[1:], gaps, strict=True)
-        )
+    # The runs that should follow each other step for step: the kernels and the reference
+    # (same model and data), or a multi-GPU run and the one-GPU run with the same batch.
+    by_name = {r["name"]: r for r in results}
+    pairs = [("mhc", "mhc-reference")] + [(m, "1gpu") for m in ("ddp", "fsdp2")]
+    gaps = []
+    for a, b in pairs:
+        if a in by_name and b in by_name:
+            steps = zip(by_name[a]["curve"], by_name[b]["curve"], strict=False)
+            gaps.append(f"{a} vs {b} {max(abs(p[1] - q[1]) for p, q in steps):.4f}")
+    if gaps:
+        lines += ["", "Largest loss gap at a logged step: " + ", ".join(gaps)]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(results, indent=1))
