@@ -392,13 +392,23 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
       if (k >= K) break;
       const int j = int(k / C);
       const int64_t c = k - int64_t(j) * C;
+      // Every token's inputs first, then the stores: a load after a store to dx (which the
+      // compiler must assume may alias) would wait out one memory latency per token.
+      float in_du[TM], in_x[TM], in_dx[TM];
+#pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        const bool live = t < nt;
+        in_du[t] = du && live ? to_float(du[(t0 + t) * C + c]) : 0.0f;
+        in_x[t] = DYN && live ? to_float(x[t * K + k]) : 0.0f;
+        in_dx[t] = dx_in && live ? to_float(dx_in[t * K + k]) : 0.0f;
+      }
 #pragma unroll
       for (int t = 0; t < TM; ++t) {
         if (t >= nt) break;
         const int hs = DYN ? t : 0;
-        float g = du ? s.h_pre[hs][j] * to_float(du[(t0 + t) * C + c]) : 0.0f;
-        if constexpr (DYN) g += acc[t][v] + s.dr[t] * to_float(x[t * K + k]);
-        if (dx_in) g += to_float(dx_in[t * K + k]);
+        float g = du ? s.h_pre[hs][j] * in_du[t] : 0.0f;
+        if constexpr (DYN) g += acc[t][v] + s.dr[t] * in_x[t];
+        if (dx_in) g += in_dx[t];
         dx[t * K + k] = from_float<T>(g);
       }
     }
