@@ -102,13 +102,14 @@ def pre_dynamic(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     return u, h_pre, h_post, h_res, z, r
 
 
-def pre_static(x, b, iters, eps_sk, post_mult):
+def pre_static(x, b, iters, eps_sk, post_mult, u_fp32=False):
+    """u = H_pre·x in x's dtype, or in fp32 (the seed layer's backward recomputes it)."""
     t, n, c = _dims(x)
-    u = empty((t, c), x.dtype, x.device)
+    u = empty((t, c), torch.float32 if u_fp32 else x.dtype, x.device)
     if t:
         launch(Op.PRE_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, bias=b,
-               out=u)  # fmt: skip
+               out=None if u_fp32 else u, u_f32=u if u_fp32 else None)  # fmt: skip
     return u
 
 
@@ -348,12 +349,7 @@ def layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms,
 
 def layer_static_backward(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult):
     """(∂x, ∂w, ∂b) of the seed's layer with static H, as layer_dynamic_backward."""
-    t, n, c = _dims(x)
-    u32 = empty((t, c), torch.float32, x.device)
-    if t:
-        launch(Op.PRE_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
-               sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, bias=b,
-               u_f32=u32)  # fmt: skip
+    u32 = pre_static(x, b, iters, eps_sk, post_mult, u_fp32=True)
     s, y32 = _rms_norm(u32, weight, eps_rms)
     dx_post, dy, db_post = post_static_backward(grad, x, None, b, iters, eps_sk, post_mult, y32)
     du, dweight = _rms_norm_backward(dy, u32, s, weight)
