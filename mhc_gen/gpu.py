@@ -7,6 +7,8 @@ order: gradients are bitwise reproducible.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from generator.spec import DType, Op
@@ -46,12 +48,22 @@ def projection(x, phi, eps_rms):
     splits = _projection_splits(t, k, m, x.device)
     z = empty((splits, t, m) if splits > 1 else (t, m), torch.float32, x.device)
     r = empty((splits, t) if splits > 1 else (t,), torch.float32, x.device)
+    phi_hi = phi_lo = None
+    if k % 8 == 0 and x.data_ptr() % 16 == 0 and _wide_projection(t, m):
+        phi_hi, phi_lo = _split_bf16(phi.t().contiguous())  # [m, n·C] each
     launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, eps_rms=eps_rms,
-           splits=splits, x=x, phi=phi, z_out=z, r_out=r)  # fmt: skip
+           splits=splits, x=x, phi=phi, phi_hi=phi_hi, phi_lo=phi_lo, z_out=z,
+           r_out=r)  # fmt: skip
     if splits == 1:
         return z, r
     # Partial sums per chunk of n·C, added in chunk order; r as token_rms computes it.
     return z.sum(0), torch.sqrt(r.sum(0) / k + eps_rms)
+
+
+def _wide_projection(t: int, m: int) -> bool:
+    """Whether the projection takes φᵀ split into bf16 hi and lo (16-byte loads): worth
+    the split's ~20·n·C·m bytes once x's 2·T·n·C bytes are much larger."""
+    return t >= 32 * m
 
 
 def _projected(x, phi, eps_rms):
@@ -301,14 +313,29 @@ def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, p
     return dx, _phi_grad(x, dz, _phi_splits), dalpha_tok.sum(0), dlogits.sum(0)
 
 
+@functools.cache
+def _fused_rms_norm() -> bool:
+    """Whether this torch has its fused RMSNorm (one kernel a direction) for GPU tensors."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has("aten::_fused_rms_norm", "CUDA") and has("aten::_fused_rms_norm_backward", "CUDA")
+
+
 def _rms_norm(u32, weight, eps_rms):
-    """(s, y) of y = u·s·w, s = 1/sqrt(mean(u²) + eps), in fp32 on [T, C]."""
+    """(s, y) of y = u·s·w, s = 1/sqrt(mean(u²) + eps), in fp32 on [T, C]: torch's fused
+    kernel where it has one (one pass), else elementwise ops."""
+    if u32.is_cuda and u32.numel() and _fused_rms_norm():
+        y, s = torch.ops.aten._fused_rms_norm(u32, [u32.shape[-1]], weight.float(), eps_rms)
+        return s, y
     s = torch.rsqrt(u32.square().mean(-1, keepdim=True) + eps_rms)
     return s, u32 * s * weight
 
 
 def _rms_norm_backward(dy, u32, s, weight):
-    """(∂u, ∂w) of y = u·s·w."""
+    """(∂u, ∂w) of y = u·s·w (torch's fused backward: a fixed-order ∂w reduction)."""
+    if u32.is_cuda and u32.numel() and _fused_rms_norm():
+        return torch.ops.aten._fused_rms_norm_backward(
+            dy.float(), u32, [u32.shape[-1]], s, weight.float(), [True, True]
+        )
     g = dy.float() * weight
     du = s * g - u32 * s.pow(3) * (g * u32).mean(-1, keepdim=True)
     return du, (dy.float() * u32 * s).sum(0)

@@ -73,6 +73,17 @@ def test_projection_for_even_n_times_c_bf16(launches):
     assert gpu.projection(v["x"][:, :, :7].contiguous(), v["phi"][: N * 7], 1e-6) is None  # n·C odd
 
 
+def test_projection_wide_path_gets_split_phi_t(launches, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(gpu, "_wide_projection", lambda t, m: True)
+    monkeypatch.setattr(gpu, "launch", lambda op, device, dtype, **kw: seen.update(kw))
+    v = _inputs()
+    gpu.projection(v["x"], v["phi"], 1e-6)
+    hi, lo = seen["phi_hi"], seen["phi_lo"]
+    assert hi.shape == lo.shape == (R.num_logits(N), N * C) and hi.dtype == torch.bfloat16
+    assert torch.allclose(hi.float() + lo.float(), v["phi"].t(), rtol=2**-16, atol=0)
+
+
 def test_backward_wrappers(launches):
     v = _inputs()
     m = R.num_logits(N)

@@ -7,6 +7,8 @@ run must give bitwise the same result.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 
 import mhc_gen
 from generator.spec import Op, parse
-from mhc_gen import reference
+from mhc_gen import gpu, reference
 from mhc_gen._launch import TORCH_DTYPES, forced_variant, poisoned_outputs
 from mhc_gen.testing import TOLERANCES, assert_close, bitwise_equal
 
@@ -98,8 +100,11 @@ def test_forward_variant(name, data):
     dev = torch.device("cuda")
     dtype = TORCH_DTYPES[spec.dtype]
     lead, n, c = _shape(spec, data)
-    if spec.op is Op.PROJ_DYN and (n * c) % 2:
-        c += 1  # the tensor-core projection takes bf16 pairs: odd n·C runs without it
+    # The tensor-core projection takes bf16 pairs (odd n·C runs without it); its wide path
+    # (16-byte loads of x and of φᵀ split by the caller) groups of 8.
+    wide = spec.op.dynamic and data.draw(st.booleans(), label="wide")
+    while spec.op is Op.PROJ_DYN and (n * c) % (8 if wide else 2):
+        c += 1
     p = _params(n, c, data, dev)
     x = torch.randn(*lead, n, c, generator=p["gen"]).to(dtype).to(dev)
     y = torch.randn(*lead, c, generator=p["gen"]).to(dtype).to(dev)
@@ -108,7 +113,7 @@ def test_forward_variant(name, data):
     ref_dyn = reference.dynamic_coefficients(_d(x), _d(phi), _d(alpha), _d(b), **kw)
     ref_static = reference.static_coefficients(_d(b), n, **kw)
 
-    with forced_variant(name):
+    with forced_variant(name), mock.patch.object(gpu, "_wide_projection", lambda t, m: wide):
         if spec.op in (Op.COEFFS_DYN, Op.PROJ_DYN):
             got = _run_twice(lambda: mhc_gen.dynamic_coefficients(x, phi, alpha, b, **kw))
             for g_, r_, w_ in zip(got, ref_dyn, ("H_pre", "H_post", "H_res"), strict=True):

@@ -139,6 +139,30 @@ MHC_DEV void load_pack(const T* p, float (&out)[VEC]) {
   for (int i = 0; i < VEC; ++i) out[i] = to_float(pk.v[i]);
 }
 
+// load_pack through the read-only path: the compiler may then move the load above
+// stores through other pointers (which it must otherwise assume alias it). Only for
+// data no thread writes during the kernel.
+template <typename T, int VEC>
+MHC_DEV void load_pack_ro(const T* p, float (&out)[VEC]) {
+  constexpr int kBytes = int(sizeof(T)) * VEC;
+  Pack<T, VEC> pk;
+  if constexpr (kBytes == 16) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    __builtin_memcpy(&pk, &u, 16);
+  } else if constexpr (kBytes == 8) {
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+    __builtin_memcpy(&pk, &u, 8);
+  } else if constexpr (kBytes == 4) {
+    const unsigned u = __ldg(reinterpret_cast<const unsigned*>(p));
+    __builtin_memcpy(&pk, &u, 4);
+  } else {
+    const unsigned short u = __ldg(reinterpret_cast<const unsigned short*>(p));
+    __builtin_memcpy(&pk, &u, 2);
+  }
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_float(pk.v[i]);
+}
+
 template <typename T, int VEC>
 MHC_DEV void store_pack(T* p, const float (&in)[VEC]) {
   Pack<T, VEC> pk;

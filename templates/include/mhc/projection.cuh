@@ -1,11 +1,16 @@
 // The dynamic-H projection z = x̄·φ and r = RMS(x̄) on tensor cores (bf16 x).
 //
-// φ (fp32) is split as it is loaded into two bf16 operands, φ ≈ hi + lo: two
-// bf16 mma.sync per tile keep about 17 bits of φ, and x (bf16) is exact, so z
-// matches an fp32 product to ~1e-6. A block owns 16·MT tokens, up to 64 logit columns and
-// one of `splits` chunks of K; its 8 warps split the chunk and are summed in warp order
-// (deterministic). With more than one chunk (few tokens: too few blocks to fill the GPU
-// otherwise) each chunk writes partial sums, which the caller adds in chunk order.
+// φ (fp32) is split into two bf16 operands, φ ≈ hi + lo: two bf16 mma.sync per tile
+// keep about 17 bits of φ, and x (bf16) is exact, so z matches an fp32 product to
+// ~1e-6. A block owns 16·MT tokens, up to 64 logit columns and one of `splits` chunks
+// of K; its 8 warps split the chunk and are summed in warp order (deterministic). With
+// more than one chunk (few tokens: too few blocks to fill the GPU otherwise) each chunk
+// writes partial sums, which the caller adds in chunk order.
+//
+// Two ways to feed the mma: the wide path (n·C a multiple of 8, φ split by the caller
+// into φᵀ hi and lo, [m, K] bf16) loads 16 bytes of x and of each of hi, lo per lane
+// for two k16 steps; the narrow path loads bf16 pairs of x and splits fp32 φ as it
+// loads it (any even n·C; no copy of φ, for short sequences with a large φ).
 #pragma once
 
 #include "args.h"
@@ -54,9 +59,23 @@ MHC_DEV void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <int N, int HIDDEN, int MT>
+// Column tiles a block holds: all of m's for a compile-time n, else the most.
+template <int N>
+MHC_CX int proj_col_tiles() {
+  return N && (num_logits(N) + 7) / 8 < kProjColTiles ? (num_logits(N) + 7) / 8 : kProjColTiles;
+}
+
+// 16 bytes at base + row·K + k, zero outside [0, rows) × [k, k_end): with K and k multiples
+// of 8, a group of 8 lies wholly inside or outside.
+MHC_DEV uint4 load_group(const uint16_t* base, int64_t row, int64_t rows, int64_t K, int64_t k,
+                         int64_t k_end) {
+  if (row >= rows || k >= k_end) return make_uint4(0u, 0u, 0u, 0u);
+  return *reinterpret_cast<const uint4*>(base + row * K + k);
+}
+
+template <int N, int HIDDEN, int MT, bool WIDE>
 __global__ void __launch_bounds__(kThreads) projection_kernel(Args a) {
-  constexpr int NT = kProjColTiles;
+  constexpr int NT = proj_col_tiles<N>();
   constexpr int ROWS = 16 * MT;
   __shared__ float red[ROWS][8 * NT + 1];
   __shared__ float red_sq[ROWS];
@@ -85,33 +104,69 @@ __global__ void __launch_bounds__(kThreads) projection_kernel(Args a) {
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
   }
 
-  // This block's chunk of K, a multiple of 16 wide: a 16-wide k step is in one chunk.
-  const int64_t chunk = (K + 16 * int64_t(gridDim.z) - 1) / (16 * int64_t(gridDim.z)) * 16;
+  // This block's chunk of K, a multiple of 32 wide: a step's k lie in one chunk.
+  const int64_t chunk = (K + 32 * int64_t(gridDim.z) - 1) / (32 * int64_t(gridDim.z)) * 32;
   const int64_t k_begin = int64_t(blockIdx.z) * chunk;
   const int64_t k_end = k_begin + chunk < K ? k_begin + chunk : K;
-  for (int64_t k0 = k_begin + int64_t(warp) * 16; k0 < k_end; k0 += kWarps * 16) {
-    uint32_t af[MT][4];
+  if constexpr (WIDE) {
+    // Lane (g, q) holds k0 + 8q .. 8q+7 of its rows and columns: the mma's k order is
+    // permuted alike for both operands (k 2q, 2q+1, 2q+8, 2q+9 of the first k16 step are
+    // 8q .. 8q+3, of the second 8q+4 .. 8q+7), which leaves the products' sum unchanged.
+    const uint16_t* phi_hi = a.in<uint16_t>(kPhiHi);
+    const uint16_t* phi_lo = a.in<uint16_t>(kPhiLo);
+    for (int64_t k0 = k_begin + int64_t(warp) * 32; k0 < k_end; k0 += kWarps * 32) {
+      const int64_t k = k0 + 8 * q;
+      uint4 xr[MT][2];
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      const int64_t r0 = t0 + i * 16 + g, r1 = r0 + 8;
-      af[i][0] = load_pair(x, r0, T, K, k0 + 2 * q);
-      af[i][1] = load_pair(x, r1, T, K, k0 + 2 * q);
-      af[i][2] = load_pair(x, r0, T, K, k0 + 2 * q + 8);
-      af[i][3] = load_pair(x, r1, T, K, k0 + 2 * q + 8);
-      sq[i][0] += pair_sq(af[i][0]) + pair_sq(af[i][2]);
-      sq[i][1] += pair_sq(af[i][1]) + pair_sq(af[i][3]);
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          xr[i][h] = load_group(x, t0 + i * 16 + g + 8 * h, T, K, k, k_end);
+          sq[i][h] +=
+              pair_sq(xr[i][h].x) + pair_sq(xr[i][h].y) + pair_sq(xr[i][h].z) + pair_sq(xr[i][h].w);
+        }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        if (j >= tiles) break;
+        const int64_t col = col0 + j * 8 + g;
+        const uint4 hi = load_group(phi_hi, col, m, K, k, k_end);
+        const uint4 lo = load_group(phi_lo, col, m, K, k, k_end);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          const uint32_t a0[4] = {xr[i][0].x, xr[i][1].x, xr[i][0].y, xr[i][1].y};
+          const uint32_t a1[4] = {xr[i][0].z, xr[i][1].z, xr[i][0].w, xr[i][1].w};
+          mma_bf16(acc[i][j], a0, hi.x, hi.y);
+          mma_bf16(acc[i][j], a0, lo.x, lo.y);
+          mma_bf16(acc[i][j], a1, hi.z, hi.w);
+          mma_bf16(acc[i][j], a1, lo.z, lo.w);
+        }
+      }
     }
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      if (j >= tiles) break;
-      const int64_t col = col0 + j * 8 + g;
-      uint32_t h0, h1, l0, l1;
-      load_phi_pair(phi, col, m, K, k0 + 2 * q, h0, l0);
-      load_phi_pair(phi, col, m, K, k0 + 2 * q + 8, h1, l1);
+  } else {
+    for (int64_t k0 = k_begin + int64_t(warp) * 16; k0 < k_end; k0 += kWarps * 16) {
+      uint32_t af[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        mma_bf16(acc[i][j], af[i], h0, h1);
-        mma_bf16(acc[i][j], af[i], l0, l1);
+        const int64_t r0 = t0 + i * 16 + g, r1 = r0 + 8;
+        af[i][0] = load_pair(x, r0, T, K, k0 + 2 * q);
+        af[i][1] = load_pair(x, r1, T, K, k0 + 2 * q);
+        af[i][2] = load_pair(x, r0, T, K, k0 + 2 * q + 8);
+        af[i][3] = load_pair(x, r1, T, K, k0 + 2 * q + 8);
+        sq[i][0] += pair_sq(af[i][0]) + pair_sq(af[i][2]);
+        sq[i][1] += pair_sq(af[i][1]) + pair_sq(af[i][3]);
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        if (j >= tiles) break;
+        const int64_t col = col0 + j * 8 + g;
+        uint32_t h0, h1, l0, l1;
+        load_phi_pair(phi, col, m, K, k0 + 2 * q, h0, l0);
+        load_phi_pair(phi, col, m, K, k0 + 2 * q + 8, h1, l1);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          mma_bf16(acc[i][j], af[i], h0, h1);
+          mma_bf16(acc[i][j], af[i], l0, l1);
+        }
       }
     }
   }
@@ -165,12 +220,20 @@ int launch_projection(const Args& a) {
   if (HIDDEN && a.hidden != HIDDEN) return kBadHidden;
   const int64_t K = int64_t(a.n) * a.hidden;
   if (K % 2 != 0 || !aligned_to(a.p[kX], 4)) return kBadHidden;  // pairs of bf16
+  const bool wide = a.p[kPhiHi] != nullptr;
+  if (wide && (K % 8 != 0 || a.p[kPhiLo] == nullptr || !aligned_to(a.p[kX], 16) ||
+               !aligned_to(a.p[kPhiHi], 16) || !aligned_to(a.p[kPhiLo], 16)))
+    return kBadHidden;  // groups of 8 bf16
   if (a.tokens == 0) return kOk;
   const int m_pad = (num_logits(a.n) + 7) / 8 * 8;
   const dim3 grid(unsigned((a.tokens + 16 * TM - 1) / (16 * TM)),
                   unsigned((m_pad + 8 * kProjColTiles - 1) / (8 * kProjColTiles)),
                   unsigned(a.splits < 1 ? 1 : a.splits));
-  projection_kernel<N, HIDDEN, TM><<<grid, kThreads, 0, static_cast<stream_t>(a.stream)>>>(a);
+  const stream_t stream = static_cast<stream_t>(a.stream);
+  if (wide)
+    projection_kernel<N, HIDDEN, TM, true><<<grid, kThreads, 0, stream>>>(a);
+  else
+    projection_kernel<N, HIDDEN, TM, false><<<grid, kThreads, 0, stream>>>(a);
   return int(last_error());
 }
 

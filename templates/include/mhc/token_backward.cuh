@@ -258,14 +258,20 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
     float acc[TM * NB];
 #pragma unroll
     for (int k = 0; k < TM * NB; ++k) acc[k] = 0.0f;
-    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
 #pragma unroll
       for (int t = 0; t < TM; ++t) {
         if (t >= nt) break;
-        const float g = to_float(du[(t0 + t) * C + c]);
+        float g[VEC];
+        load_pack_ro<T, VEC>(du + (t0 + t) * C + c, g);
 #pragma unroll
         for (int j = 0; j < NB; ++j)
-          if (j < n) acc[t * NB + j] += g * to_float(x[t * K + j * C + c]);
+          if (j < n) {
+            float xv[VEC];
+            load_pack_ro<T, VEC>(x + t * K + j * C + c, xv);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[t * NB + j] += g[v] * xv[v];
+          }
       }
     }
     const int lane = threadIdx.x % kWarp;
@@ -347,7 +353,10 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
   if (dx_in) dx_in += t0 * K;
   const float* phi = a.in<float>(kPhi);
   const float* phi_t = a.in<float>(kPhiT);
-  constexpr int KV = DYN ? 4 : 1;
+  // With VEC > 1 (C a multiple of it, pointers aligned) a thread's KV = VEC k lie in
+  // one stream: its loads and stores of x, ∂u and ∂x are single vector accesses.
+  constexpr int KV = DYN ? 4 : VEC;
+  static_assert(VEC == 1 || VEC == KV, "vector accesses cover a thread's k");
   const bool quads =
       DYN && phi_t && m % 4 == 0 && K % 4 == 0 && reinterpret_cast<uintptr_t>(phi_t) % 16 == 0;
   for (int64_t k0 = int64_t(threadIdx.x) * KV; k0 < K; k0 += int64_t(kThreads) * KV) {
@@ -386,29 +395,48 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
           }
       }
     }
+    if (VEC > 1 && k0 + KV <= K) {
+      const int j = int(k0 / C);
+      const int64_t c = k0 - int64_t(j) * C;
+#pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        if (t >= nt) break;
+        const int hs = DYN ? t : 0;
+        float g[KV], in[KV];
+#pragma unroll
+        for (int v = 0; v < KV; ++v) g[v] = DYN ? acc[t][v] : 0.0f;
+        if (du) {
+          load_pack_ro<T, KV>(du + (t0 + t) * C + c, in);
+#pragma unroll
+          for (int v = 0; v < KV; ++v) g[v] += s.h_pre[hs][j] * in[v];
+        }
+        if constexpr (DYN) {
+          load_pack_ro<T, KV>(x + t * K + k0, in);
+#pragma unroll
+          for (int v = 0; v < KV; ++v) g[v] += s.dr[t] * in[v];
+        }
+        if (dx_in) {
+          load_pack_ro<T, KV>(dx_in + t * K + k0, in);
+#pragma unroll
+          for (int v = 0; v < KV; ++v) g[v] += in[v];
+        }
+        store_pack<T, KV>(dx + t * K + k0, g);
+      }
+      continue;
+    }
 #pragma unroll
     for (int v = 0; v < KV; ++v) {
       const int64_t k = k0 + v;
       if (k >= K) break;
       const int j = int(k / C);
       const int64_t c = k - int64_t(j) * C;
-      // Every token's inputs first, then the stores: a load after a store to dx (which the
-      // compiler must assume may alias) would wait out one memory latency per token.
-      float in_du[TM], in_x[TM], in_dx[TM];
-#pragma unroll
-      for (int t = 0; t < TM; ++t) {
-        const bool live = t < nt;
-        in_du[t] = du && live ? to_float(du[(t0 + t) * C + c]) : 0.0f;
-        in_x[t] = DYN && live ? to_float(x[t * K + k]) : 0.0f;
-        in_dx[t] = dx_in && live ? to_float(dx_in[t * K + k]) : 0.0f;
-      }
 #pragma unroll
       for (int t = 0; t < TM; ++t) {
         if (t >= nt) break;
         const int hs = DYN ? t : 0;
-        float g = du ? s.h_pre[hs][j] * in_du[t] : 0.0f;
-        if constexpr (DYN) g += acc[t][v] + s.dr[t] * in_x[t];
-        if (dx_in) g += in_dx[t];
+        float g = du ? s.h_pre[hs][j] * to_float(du[(t0 + t) * C + c]) : 0.0f;
+        if constexpr (DYN) g += acc[t][v] + s.dr[t] * to_float(x[t * K + k]);
+        if (dx_in) g += to_float(dx_in[t * K + k]);
         dx[t * K + k] = from_float<T>(g);
       }
     }
@@ -496,7 +524,16 @@ int launch_backward(const Args& a) {
       else
         post_bwd_kernel<T, N, HIDDEN, TM, DYN, 1><<<unsigned(blocks), kThreads, 0, stream>>>(a);
     } else {
-      pre_bwd_kernel<T, N, HIDDEN, TM, DYN, 1><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+      // Four elements per access (8 bytes of bf16), where C and the pointers allow.
+      constexpr int PV = 4;
+      const int pb = PV * int(sizeof(T));
+      const bool pre_vec = a.hidden % PV == 0 && aligned_to(a.p[kX], pb) &&
+                           aligned_to(a.p[kGradOut], pb) && aligned_to(a.p[kGradX], pb) &&
+                           aligned_to(a.p[kGradXIn], pb);
+      if (pre_vec)
+        pre_bwd_kernel<T, N, HIDDEN, TM, DYN, PV><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+      else
+        pre_bwd_kernel<T, N, HIDDEN, TM, DYN, 1><<<unsigned(blocks), kThreads, 0, stream>>>(a);
     }
   }
   return int(last_error());

@@ -218,7 +218,10 @@ MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, i
   }
 }
 
-template <typename T, int N, int HIDDEN, int TM, Op OP, bool DYN, int VEC>
+// PROJECT: phase 1 runs here (no z from the tensor-core projection). A separate
+// instantiation, as its TM × 24 accumulators would otherwise set the register count
+// (and so the occupancy) of the kernels that are given z.
+template <typename T, int N, int HIDDEN, int TM, Op OP, bool DYN, int VEC, bool PROJECT>
 __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
   constexpr int NB = n_bound<N>();
   constexpr int SLOTS = DYN ? TM : 1;
@@ -232,8 +235,8 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
 
   // Phases 1 and 2: the coefficients of the block's tokens (or the one static H).
   if constexpr (DYN && OP != Op::Post) {
-    const float* z_in = a.in<float>(kZIn);
-    if (z_in) {  // z and r from the tensor-core projection (projection.cuh)
+    if constexpr (!PROJECT) {  // z and r from the tensor-core projection (projection.cuh)
+      const float* z_in = a.in<float>(kZIn);
       const int m = num_logits(n);
       for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
         s.z[idx / m][idx % m] = z_in[t0 * m + idx];
@@ -374,8 +377,13 @@ int launch(const Args& a) {
   const int64_t blocks = static_coeffs ? 1 : (a.tokens + TM - 1) / TM;
   if (blocks == 0) return kOk;
   const stream_t stream = static_cast<stream_t>(a.stream);
+  const bool project = DYN && OP != Op::Post && a.p[kZIn] == nullptr;
   if constexpr (OP == Op::Coeffs) {
-    token_kernel<T, N, HIDDEN, TM, OP, DYN, 1><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(a);
+    const dim3 grid{unsigned(blocks)};
+    if (project)
+      token_kernel<T, N, HIDDEN, TM, OP, DYN, 1, DYN><<<grid, kThreads, 0, stream>>>(a);
+    else
+      token_kernel<T, N, HIDDEN, TM, OP, DYN, 1, false><<<grid, kThreads, 0, stream>>>(a);
   } else {
     constexpr int VEC = vec_width<T, n_bound<N>()>();
     const int vb = VEC * int(sizeof(T));
@@ -387,10 +395,16 @@ int launch(const Args& a) {
     const int64_t per_block = int64_t(kThreads) * VEC * 4;
     const int64_t chunks = split ? (a.hidden + per_block - 1) / per_block : 1;
     const dim3 grid(unsigned(blocks), unsigned(chunks < 65535 ? chunks : 65535));
-    if (vec_ok)
-      token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC><<<grid, kThreads, 0, stream>>>(a);
+    // Phase 1 in this kernel exists only for dynamic pre and layer.
+    constexpr bool P = DYN && OP != Op::Post;
+    if (vec_ok && project)
+      token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, P><<<grid, kThreads, 0, stream>>>(a);
+    else if (vec_ok)
+      token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, false><<<grid, kThreads, 0, stream>>>(a);
+    else if (project)
+      token_kernel<T, N, HIDDEN, TM, OP, DYN, 1, P><<<grid, kThreads, 0, stream>>>(a);
     else
-      token_kernel<T, N, HIDDEN, TM, OP, DYN, 1><<<grid, kThreads, 0, stream>>>(a);
+      token_kernel<T, N, HIDDEN, TM, OP, DYN, 1, false><<<grid, kThreads, 0, stream>>>(a);
   }
   return int(last_error());
 }
