@@ -10,9 +10,12 @@ HOT_HIDDEN = (1280, 1920, 2560, 4096, 7168)
 HOT_DTYPES = (DType.BF16, DType.FP32)
 # Compile-time n with run-time hidden; n = None serves every other n ≤ 32.
 GENERIC_N = (2, 4, 8, 16, 32, None)
-PROFILES = ("minimal", "default", "full")
+PROFILES = ("minimal", "default", "tune", "full")
 # full: every n from 1 to 32 at compile time, and the hot sizes in every dtype.
 FULL_N = (*range(1, 33), None)
+# tune: the default build plus alternative tiles at the benchmark's size, for the autotuner
+# (full has them at every hot size).
+TUNE_HIDDEN = (4096,)
 
 
 def default_tile(op: Op, n: int | None = None) -> int:
@@ -33,13 +36,22 @@ def _spec(op: Op, n, hidden, dtype: DType, arch: Arch) -> KernelSpec:
     return KernelSpec(op, n, hidden, dtype, arch, default_tile(op, n))
 
 
+def _alternative_tiles(op: Op, n, hidden, dtype: DType, arch: Arch) -> set[KernelSpec]:
+    """Every supported tile of one shape, for the autotuner to choose among."""
+    specs = (KernelSpec(op, n, hidden, dtype, arch, tile) for tile in TILES)
+    return {s for s in specs if is_supported(s)}
+
+
 def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
     """Every variant of ``profile`` for ``arch``, sorted by name."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     specs: set[KernelSpec] = set()
-    generic_n = {"minimal": (None,), "default": GENERIC_N, "full": FULL_N}[profile]
+    generic_n = {"minimal": (None,), "default": GENERIC_N, "tune": GENERIC_N, "full": FULL_N}[
+        profile
+    ]
     hot_dtypes = tuple(DType) if profile == "full" else HOT_DTYPES
+    tiled_hidden = {"tune": TUNE_HIDDEN, "full": HOT_HIDDEN}.get(profile, ())
     for op in Op:
         dtypes = tuple(DType) if op.needs_x else (DType.FP32,)
         for dtype in dtypes:
@@ -51,12 +63,11 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
             for dtype in hot_dtypes:
                 for hidden in HOT_HIDDEN:
                     specs.add(_spec(op, HOT_N, hidden, dtype, arch))
-                    if profile == "full" and not op.backward:
-                        # Alternative tiles at the hot sizes, for the autotuner to choose.
-                        for tile in TILES:
-                            spec = KernelSpec(op, HOT_N, hidden, dtype, arch, tile)
-                            if is_supported(spec):
-                                specs.add(spec)
+                    if hidden in tiled_hidden and not op.backward:
+                        specs.update(_alternative_tiles(op, HOT_N, hidden, dtype, arch))
+        if tiled_hidden and not op.has_hidden_axis:
+            # The projection: tiles at the hot n (its hidden is always a run-time value).
+            specs.update(_alternative_tiles(op, HOT_N, None, DType.BF16, arch))
     bad = [s.name for s in specs if not is_supported(s)]
     assert not bad, f"profile {profile} lists unsupported variants: {bad}"
     return sorted(specs, key=lambda s: s.name)

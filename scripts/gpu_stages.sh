@@ -9,13 +9,15 @@
 #   profile1  the same with one Sinkhorn iteration (what the 20 iterations cost)
 #   ncu       Nsight Compute on the kernels matching NCU_KERNELS in that step
 #   tests     the GPU tests (PYTEST_ARGS, default tests/gpu)
+#   tune      benchmarks/autotune.py (build with MHC_PROFILE=tune): the tuning table, which
+#             later stages then use                                        -> $OUT/tuning.json
 # Example: bash scripts/gpu_stages.sh example sanitize
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 start=$(date +%s)
 # shellcheck disable=SC2086
-python3 build.py --arch ${MHC_ARCH:-sm_90} -j "$(nproc)" 2>&1 | tail -3 | tee "$OUT/build.log"
+python3 build.py --arch ${MHC_ARCH:-sm_90} --profile "${MHC_PROFILE:-default}" -j "$(nproc)" 2>&1 | tail -3 | tee "$OUT/build.log"
 echo "build: $(($(date +%s) - start)) s" | tee -a "$OUT/build.log"
 export PYTHONUNBUFFERED=1
 stage() { # name, budget in seconds, command...
@@ -49,6 +51,10 @@ for s in "$@"; do
       --launch-count "${NCU_COUNT:-4}" --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
       python3 benchmarks/profile_ops.py --no-profiler ${PROFILE_ARGS:-}
+    ;;
+  tune)
+    stage tune 120 python3 benchmarks/autotune.py
+    cp tuning/*.json "$OUT/" 2>/dev/null
     ;;
   tests) stage tests ${TESTS_S:-400} python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu} ;;
   *) echo "unknown stage $s" ;;

@@ -17,3 +17,12 @@ def test_candidates_are_knob_alternatives_of_one_key():
 def test_pick_winners_takes_the_fastest_then_the_smaller_name():
     timings = {"k": {"b_tm2": 1.0, "a_tm1": 1.0, "c_tm4": 2.0}, "j": {"x": 3.0, "y": 0.5}}
     assert pick_winners(timings) == {"k": "a_tm1", "j": "y"}
+
+
+def test_tune_profile_adds_tiles_at_the_benchmark_size_only():
+    default = {s.name for s in specs_for(Arch.SM90)}
+    tune = {s.name for s in specs_for(Arch.SM90, "tune")}
+    assert default < tune
+    groups = candidates(sorted(tune), Arch.SM90)
+    assert "pre_dyn_n4_h4096_bf16_sm90" in groups and "proj_dyn_n4_hany_bf16_sm90" in groups
+    assert all("_h4096_" in key or key.startswith("proj_dyn_n4_") for key in groups)
