@@ -46,7 +46,8 @@ def runs(args, extra: list[str]) -> list[tuple[str, list[str]]]:
 def report(results: list[dict], out: pathlib.Path, gpu: str) -> str:
     base = results[0]
     lines = [
-        f"GPU: {gpu}",
+        f"GPU: {gpu}; residual streams in {base.get('stream_dtype', 'fp32')}, sublayers under"
+        " bf16 autocast",
         "",
         "| run | world | loss (last 10) | step (ms, median) | vs first row | peak GiB |",
         "|---|---|---|---|---|---|",

@@ -45,6 +45,11 @@ def stdlib_bytes(limit: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
 
 
+def rms_norm(norm: nn.RMSNorm, u):
+    """norm(u) with its weight in u's dtype: bf16 streams keep torch's fused kernel."""
+    return F.rms_norm(u, norm.normalized_shape, norm.weight.to(u.dtype), norm.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, c: int, heads: int):
         super().__init__()
@@ -55,7 +60,9 @@ class Attention(nn.Module):
 
     def forward(self, u):  # [B, S, C]
         b, s, c = u.shape
-        q, k, v = self.qkv(self.norm(u)).view(b, s, 3, self.heads, c // self.heads).unbind(2)
+        q, k, v = (
+            self.qkv(rms_norm(self.norm, u)).view(b, s, 3, self.heads, c // self.heads).unbind(2)
+        )
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         )
@@ -70,7 +77,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(4 * c, c, bias=False)
 
     def forward(self, u):
-        return self.down(F.gelu(self.up(self.norm(u))))
+        return self.down(F.gelu(self.up(rms_norm(self.norm, u))))
 
 
 class Block(nn.Module):
@@ -93,9 +100,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, layers: int, c: int, heads: int, seq: int, residual: str, n: int):
+    def __init__(self, layers: int, c: int, heads: int, seq: int, residual: str, n: int,
+                 stream_dtype: torch.dtype = torch.float32):  # fmt: skip
         super().__init__()
         self.n = n if residual != "plain" else 1
+        self.stream_dtype = stream_dtype
         self.embed = nn.Embedding(256, c)
         self.pos = nn.Parameter(torch.randn(seq, c) * 0.02)
         self.blocks = nn.ModuleList(Block(c, heads, residual, n) for _ in range(layers))
@@ -103,12 +112,12 @@ class GPT(nn.Module):
         self.head = nn.Linear(c, 256, bias=False)
 
     def forward(self, tokens):  # [B, S] -> logits [B, S, 256]
-        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        h = (self.embed(tokens) + self.pos[: tokens.shape[1]]).to(self.stream_dtype)
         x = mhc_gen.expand_streams(h, self.n) if self.n > 1 else h
         for blk in self.blocks:
             x = blk(x)
         h = mhc_gen.reduce_streams(x) if self.n > 1 else x
-        return self.head(self.norm(h))
+        return self.head(self.norm(h.float()))
 
 
 def parse_args(argv=None):
@@ -125,6 +134,12 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--bf16", action="store_true", help="autocast the sublayers to bf16")
+    ap.add_argument(
+        "--stream-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="dtype of the residual stream(s) between blocks (every residual kind)",
+    )
     ap.add_argument("--dist", choices=["none", "ddp", "fsdp2"], default="none")
     ap.add_argument("--data-bytes", type=int, default=20_000_000)
     ap.add_argument("--seed", type=int, default=0)
@@ -149,7 +164,9 @@ def main(argv=None) -> dict:
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     data = stdlib_bytes(args.data_bytes)
-    model = GPT(args.layers, args.hidden, args.heads, args.seq, args.residual, args.streams)
+    stream_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.stream_dtype]
+    model = GPT(args.layers, args.hidden, args.heads, args.seq, args.residual, args.streams,
+                stream_dtype)  # fmt: skip
     model = model.to(device)
     if args.dist == "ddp":
         model = nn.parallel.DistributedDataParallel(
@@ -216,6 +233,7 @@ def main(argv=None) -> dict:
     warm = times[min(10, len(times) - 1) :]
     summary = dict(
         residual=args.residual,
+        stream_dtype=args.stream_dtype,
         world=world,
         final_loss=sum(losses[-10:]) / len(losses[-10:]),
         median_step_s=sorted(warm)[len(warm) // 2],

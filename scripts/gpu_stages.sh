@@ -2,6 +2,7 @@
 # On the device machine, in one call: build, then any of the stages named on the command
 # line, each logged under $OUT/<stage>.log and cut off after its time budget:
 #   example   examples/compare.py on one GPU (plain / mhc / mhc-reference) -> $OUT/example/
+#   example_bf16  the same with bf16 residual streams                -> $OUT/example_bf16/
 #   example2  examples/compare.py on two GPUs (1 GPU vs DDP vs FSDP2, one JIT build) -> $OUT/example2/
 #   sanitize  scripts/sanitize.sh (compute-sanitizer, four tools)         -> $OUT/sanitizer/
 #   bench     benchmarks/bench.py (BENCH_ARGS, default --quick)           -> $OUT/bench/
@@ -32,6 +33,7 @@ STEPS=${STEPS:-600}
 for s in "$@"; do
   case $s in
   example) stage example ${EXAMPLE_S:-330} python3 examples/compare.py --out "$OUT/example" -- --steps "$STEPS" ${EXAMPLE_ARGS:-} ;;
+  example_bf16) stage example_bf16 ${EXAMPLE_S:-330} python3 examples/compare.py --out "$OUT/example_bf16" -- --steps "$STEPS" --stream-dtype bf16 ${EXAMPLE_ARGS:-} ;;
   example2)
     # Two ranks, an empty JIT cache, n = 3 and MHC_GEN_JIT=specialize: the n = 3 kernels are
     # compiled once, by one rank, while the other waits on the file lock.
@@ -61,7 +63,7 @@ for s in "$@"; do
   esac
 done
 # The device tool returns a limited number of files: one archive of the stage outputs.
-dirs=$(cd "$OUT" && ls -d example example2 sanitizer bench 2>/dev/null)
+dirs=$(cd "$OUT" && ls -d example example_bf16 example2 sanitizer bench 2>/dev/null)
 if [ -n "$dirs" ]; then
   # shellcheck disable=SC2086
   tar czf "$OUT/stages.tgz" -C "$OUT" $dirs && (cd "$OUT" && rm -rf $dirs)
