@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import mhc_gen  # noqa: E402
+from mhc_gen import gpu  # noqa: E402
 from mhc_gen import reference as R  # noqa: E402
 
 
@@ -28,7 +29,15 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--no-profiler", action="store_true", help="one step only (for ncu)")
     ap.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations")
+    ap.add_argument(
+        "--projection",
+        choices=["default", "kernel"],
+        default="default",
+        help="kernel: the mma.sync projection kernel instead of the cuBLAS GEMM",
+    )
     args = ap.parse_args()
+    if args.projection == "kernel":
+        gpu._gemm_projection = lambda x: False
     t, c, n = args.T, args.C, args.n
     m = R.num_logits(n)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

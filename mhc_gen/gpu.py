@@ -34,17 +34,29 @@ def _coeff_outputs(lead, n, device):
 # ---------------------------------------------------------------- forward
 
 
+def _gemm_projection(x) -> bool:
+    """Whether z = x̄·φ runs as a cuBLAS GEMM (CUDA; torch.mm with out_dtype is CUDA-only)."""
+    return x.is_cuda and torch.version.hip is None
+
+
 def projection(x, phi, eps_rms):
-    """(z, r) from the tensor-core projection (projection.cuh), or None where no
-    variant serves: x not bf16, n·C odd, or no CUDA build. The fused kernels then
-    project on CUDA cores themselves (in exact fp32)."""
+    """(z, r) on tensor cores for bf16 x, or None where nothing serves (x not bf16, no
+    CUDA): the fused kernels then project on CUDA cores themselves (in exact fp32). On
+    CUDA z is one cuBLAS bf16 GEMM on φ split into bf16 hi + lo (x exact, φ to ~17 bits,
+    fp32 accumulation; deterministic) and r is None: the kernel that takes z computes r
+    in its first pass over x. Otherwise the mma.sync kernel (projection.cuh) gives both."""
     t, n, c = _dims(x)
     k = n * c
-    if x.dtype != torch.bfloat16 or k % 2 or x.data_ptr() % 4 or t == 0:
+    if x.dtype != torch.bfloat16 or t == 0:
+        return None
+    m = reference.num_logits(n)
+    if _gemm_projection(x):
+        both = torch.mm(x.view(t, k), torch.cat(_split_bf16(phi), 1), out_dtype=torch.float32)
+        return both[:, :m] + both[:, m:], None
+    if k % 2 or x.data_ptr() % 4:
         return None
     if not has_variant(Op.PROJ_DYN, n, c, DType.BF16, x.device.index):
         return None
-    m = reference.num_logits(n)
     splits = _projection_splits(t, k, m, x.device)
     z = empty((splits, t, m) if splits > 1 else (t, m), torch.float32, x.device)
     r = empty((splits, t) if splits > 1 else (t,), torch.float32, x.device)
@@ -70,6 +82,8 @@ def _projected(x, phi, eps_rms):
     """(z, r, z_in, r_in): buffers the fused kernel fills, or the projection's results."""
     t, n, _ = _dims(x)
     pr = projection(x, phi, eps_rms)
+    if pr is not None and pr[1] is None:  # the kernel computes r
+        return pr[0], empty((x.shape[0],), torch.float32, x.device), pr[0], None
     if pr is not None:
         return pr[0], pr[1], pr[0], pr[1]
     z = empty((t, reference.num_logits(n)), torch.float32, x.device)

@@ -8,6 +8,7 @@
 #   bench     benchmarks/bench.py (BENCH_ARGS, default --quick)           -> $OUT/bench/
 #   profile   benchmarks/profile_ops.py (PROFILE_ARGS): per-kernel time of a dynamic step
 #   profile1  the same with one Sinkhorn iteration (what the 20 iterations cost)
+#   profilek  the same with the mma.sync projection kernel instead of cuBLAS
 #   ncu       Nsight Compute on the kernels matching NCU_KERNELS in that step
 #   tests     the GPU tests (PYTEST_ARGS, default tests/gpu)
 #   tune      benchmarks/autotune.py (build with MHC_PROFILE=tune): the tuning table, which
@@ -47,6 +48,7 @@ for s in "$@"; do
   bench) stage bench ${BENCH_S:-400} python3 benchmarks/bench.py ${BENCH_ARGS:---quick --reps 20} --out "$OUT/bench" ;;
   profile) stage profile 60 python3 benchmarks/profile_ops.py ${PROFILE_ARGS:-} ;;
   profile1) stage profile1 60 python3 benchmarks/profile_ops.py --iters 1 ${PROFILE_ARGS:-} ;;
+  profilek) stage profilek 60 python3 benchmarks/profile_ops.py --projection kernel ${PROFILE_ARGS:-} ;;
   ncu)
     # One launch of each kernel matching NCU_KERNELS: bandwidth, occupancy, stall reasons.
     stage ncu 150 ncu --kernel-name "regex:${NCU_KERNELS:-pre_bwd|projection|token_kernel}" \

@@ -134,3 +134,18 @@ def test_fp16_layer_backward_runs_pre_backward_in_fp32(monkeypatch):
     assert dx.dtype == dx_static.dtype == torch.float16
     assert (Op.PRE_BWD_DYN, DType.FP32) in dtypes and (Op.PRE_BWD_STATIC, DType.FP32) in dtypes
     assert (Op.POST_BWD_DYN, DType.FP16) in dtypes
+
+
+def test_gemm_projection_leaves_r_to_the_kernel(monkeypatch):
+    seen = []
+    monkeypatch.setattr(gpu, "launch", lambda op, device, dtype, **kw: seen.append((op, kw)))
+    monkeypatch.setattr(gpu, "has_variant", lambda *a: True)
+    monkeypatch.setattr(gpu, "_gemm_projection", lambda x: True)
+    # CPU torch has no mm with out_dtype: an fp32 product stands in for cuBLAS.
+    monkeypatch.setattr(gpu.torch, "mm", lambda a, b, out_dtype: a.float() @ b.float())
+    v = _inputs()
+    u, hp, hq, hr, z, r = gpu.pre_dynamic(v["x"], v["phi"], v["alpha"], v["b"], 20, 1e-6, 1e-6, 2)
+    ((op, kw),) = seen
+    assert op is Op.PRE_DYN and kw["r_in"] is None and kw["r_out"] is r and kw["z_out"] is None
+    x2 = v["x"].float().view(T, -1)
+    assert torch.allclose(kw["z_in"], x2 @ v["phi"], rtol=1e-4, atol=1e-4)

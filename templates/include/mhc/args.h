@@ -30,7 +30,7 @@ enum Ptr : int {
   kGradHPostIn,   // [T, n] fp32 upstream ∂H_post; may be null
   kGradHResIn,    // [T, n, n] fp32 upstream ∂H_res; may be null
   kZIn,           // [T, m] fp32 saved projection z = x̄·φ
-  kRIn,           // [T] fp32 saved RMS r
+  kRIn,           // [T] fp32 saved RMS r; null with kZIn: the kernel computes r from x
   kGradLogitsIn,  // [T, m] fp32 ∂z (phi-grad input)
   kGradXIn,       // [T, n, C] ∂x from another path, added to pre's ∂x; may be null
   kPhiT,          // [m, n·C] fp32 φᵀ for pre's backward (coalesced per logit); may be null

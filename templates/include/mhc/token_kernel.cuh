@@ -134,6 +134,46 @@ MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt,
   __syncthreads();
 }
 
+// r of the block's nt tokens into s.r, from Σx̄² in a fixed order (phase 1 when z came
+// from a GEMM that gave no r). 16-byte loads where n·C and x allow.
+template <typename T, int NB, int TM, int SLOTS>
+MHC_DEV void token_norms(const Args& a, int64_t K, int64_t t0, int nt, Shared<NB, TM, SLOTS>& s) {
+  constexpr int V = 16 / int(sizeof(T));
+  const T* x = a.in<T>(kX) + t0 * K;
+  const bool vec = K % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  float sq[TM];
+#pragma unroll
+  for (int t = 0; t < TM; ++t) {
+    sq[t] = 0.0f;
+    if (t >= nt) continue;
+    if (vec) {
+      for (int64_t k = int64_t(threadIdx.x) * V; k < K; k += int64_t(kThreads) * V) {
+        float v[V];
+        load_pack<T, V>(x + t * K + k, v);
+#pragma unroll
+        for (int i = 0; i < V; ++i) sq[t] += v[i] * v[i];
+      }
+    } else {
+      for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+        const float v = to_float(x[t * K + k]);
+        sq[t] += v * v;
+      }
+    }
+  }
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int t = 0; t < TM; ++t) {
+    const float w = warp_sum(sq[t]);
+    if (lane == 0) s.partial[warp][t][0] = w;
+  }
+  __syncthreads();
+  if (threadIdx.x < nt) {
+    float acc = 0.0f;
+    for (int w = 0; w < kWarps; ++w) acc += s.partial[w][threadIdx.x][0];
+    s.r[threadIdx.x] = token_rms(acc, K, a.eps_rms);
+  }
+}
+
 // Phase 2, run by one warp: H_pre, H_post and H_res of one slot from the
 // logits z (null for static H, where the logits are the bias alone).
 template <int NB, int TM, int SLOTS>
@@ -218,7 +258,7 @@ MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, i
   }
 }
 
-// PROJECT: phase 1 runs here (no z from the tensor-core projection). A separate
+// PROJECT: phase 1 runs here (no z from a GEMM). A separate
 // instantiation, as its TM × 24 accumulators would otherwise set the register count
 // (and so the occupancy) of the kernels that are given z.
 template <typename T, int N, int HIDDEN, int TM, Op OP, bool DYN, int VEC, bool PROJECT>
@@ -235,12 +275,15 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
 
   // Phases 1 and 2: the coefficients of the block's tokens (or the one static H).
   if constexpr (DYN && OP != Op::Post) {
-    if constexpr (!PROJECT) {  // z and r from the tensor-core projection (projection.cuh)
+    if constexpr (!PROJECT) {  // z (and r, unless null) from a GEMM or the saved forward
       const float* z_in = a.in<float>(kZIn);
       const int m = num_logits(n);
       for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
         s.z[idx / m][idx % m] = z_in[t0 * m + idx];
-      for (int t = threadIdx.x; t < nt; t += kThreads) s.r[t] = a.in<float>(kRIn)[t0 + t];
+      if (const float* r_in = a.in<float>(kRIn))
+        for (int t = threadIdx.x; t < nt; t += kThreads) s.r[t] = r_in[t0 + t];
+      else
+        token_norms<T, NB, TM, SLOTS>(a, int64_t(n) * C, t0, nt, s);
       __syncthreads();
     } else {
       project<T, NB, TM, SLOTS>(a, n, C, t0, nt, s);
