@@ -64,7 +64,6 @@ def op_call(spec, tokens: int):
         Op.POST_STATIC: lambda: mhc_gen.post_static(x, y, b),
         Op.LAYER_DYN: lambda: mhc_gen.layer_dynamic(x, w, phi, alpha, b),
         Op.LAYER_STATIC: lambda: mhc_gen.layer_static(x, w, b),
-        Op.PROJ_DYN: lambda: mhc_gen.dynamic_coefficients(x, phi, alpha, b),
     }
     return calls.get(spec.op)
 

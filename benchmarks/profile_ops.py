@@ -31,12 +31,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations")
     ap.add_argument(
         "--projection",
-        choices=["default", "kernel"],
-        default="default",
-        help="kernel: the mma.sync projection kernel instead of the cuBLAS GEMM",
+        choices=["gemm", "cores"],
+        default="gemm",
+        help="cores: bf16 x projected on CUDA cores in the fused kernels (the ROCm path)",
     )
     args = ap.parse_args()
-    if args.projection == "kernel":
+    if args.projection == "cores":
         gpu._gemm_projection = lambda x: False
     t, c, n = args.T, args.C, args.n
     m = R.num_logits(n)

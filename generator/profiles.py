@@ -27,8 +27,6 @@ def default_tile(op: Op, n: int | None = None) -> int:
         return 1
     if op is Op.PRE_BWD_DYN:
         return 2 if n is None or n > 8 else 16 if n <= 4 else 8
-    if op is Op.PROJ_DYN:
-        return 2
     return 4
 
 
@@ -65,9 +63,6 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
                     specs.add(_spec(op, HOT_N, hidden, dtype, arch))
                     if hidden in tiled_hidden and not op.backward:
                         specs.update(_alternative_tiles(op, HOT_N, hidden, dtype, arch))
-        if tiled_hidden and not op.has_hidden_axis:
-            # The projection: tiles at the hot n (its hidden is always a run-time value).
-            specs.update(_alternative_tiles(op, HOT_N, None, DType.BF16, arch))
     bad = [s.name for s in specs if not is_supported(s)]
     assert not bad, f"profile {profile} lists unsupported variants: {bad}"
     return sorted(specs, key=lambda s: s.name)

@@ -32,8 +32,6 @@ class Op(enum.Enum):
     POST_BWD_STATIC = "post_bwd_static"
     COEFFS_BWD_STATIC = "coeffs_bwd_static"
     PHI_GRAD_DYN = "phi_grad_dyn"
-    # the tensor-core projection z = x̄·φ (bf16 x, CUDA), feeding the dynamic ops
-    PROJ_DYN = "proj_dyn"
 
     @property
     def dynamic(self) -> bool:
@@ -50,26 +48,20 @@ class Op(enum.Enum):
 
     @property
     def has_hidden_axis(self) -> bool:
-        return self.needs_x and self not in (Op.PHI_GRAD_DYN, Op.PROJ_DYN)
+        return self.needs_x and self is not Op.PHI_GRAD_DYN
 
     @property
     def header(self) -> str:
-        if self is Op.PROJ_DYN:
-            return "mhc/projection.cuh"
         return "mhc/token_backward.cuh" if self.backward else "mhc/token_kernel.cuh"
 
     @property
     def launcher(self) -> str:
-        if self is Op.PROJ_DYN:
-            return "mhc::launch_projection"
         return "mhc::launch_backward" if self.backward else "mhc::launch"
 
     @property
     def cpp_enum(self) -> str:
         """The C++ enumerator the launcher template takes."""
         base = self.value.rsplit("_", 1)[0]
-        if self is Op.PROJ_DYN:
-            return "mhc::Op::Coeffs"  # unused by launch_projection
         if self.backward:
             name = {
                 "pre_bwd": "Pre",
@@ -184,10 +176,6 @@ def is_supported(spec: KernelSpec) -> bool:
         return False
     if spec.op is Op.PHI_GRAD_DYN and spec.tile != 1:
         return False
-    if spec.op is Op.PROJ_DYN:
-        # mma.sync on bf16: CUDA sm_80 and newer; tile = 16-token row tiles per warp. Only
-        # bf16 x: fp32 x split into bf16 halves missed the fp32 gradient tolerance (∂α).
-        return spec.dtype is DType.BF16 and spec.arch.backend == "cuda" and spec.tile in (1, 2, 4)
     if spec.op is Op.PRE_BWD_DYN:
         # Shared memory grows with tile × n², phase-1 registers with tile × n.
         return spec.tile <= (2 if spec.n is None or spec.n > 8 else 16 if spec.n <= 4 else 8)

@@ -14,7 +14,7 @@ import torch
 from generator.spec import DType, Op
 
 from . import reference
-from ._launch import DTYPES, empty, has_variant, launch
+from ._launch import DTYPES, empty, launch
 
 
 def _dims(x):
@@ -39,69 +39,41 @@ def _gemm_projection(x) -> bool:
     return x.is_cuda and torch.version.hip is None
 
 
-def projection(x, phi, eps_rms):
-    """(z, r) on tensor cores for bf16 x, or None where nothing serves (x not bf16, no
-    CUDA): the fused kernels then project on CUDA cores themselves (in exact fp32). On
-    CUDA z is one cuBLAS bf16 GEMM on φ split into bf16 hi + lo (x exact, φ to ~17 bits,
-    fp32 accumulation; deterministic) and r is None: the kernel that takes z computes r
-    in its first pass over x. Otherwise the mma.sync kernel (projection.cuh) gives both."""
+def projection(x, phi):
+    """z = x̄·φ on tensor cores for bf16 x on CUDA: one cuBLAS bf16 GEMM on φ split into
+    bf16 hi + lo (x exact, φ to ~17 bits, fp32 accumulation; deterministic), or None
+    (other dtypes, ROCm): the fused kernels then project on CUDA cores in exact fp32.
+    r is left to the kernel that takes z, which computes it in its pass over x."""
     t, n, c = _dims(x)
-    k = n * c
-    if x.dtype != torch.bfloat16 or t == 0:
+    if x.dtype != torch.bfloat16 or t == 0 or not _gemm_projection(x):
         return None
     m = reference.num_logits(n)
-    if _gemm_projection(x):
-        both = torch.mm(x.view(t, k), torch.cat(_split_bf16(phi), 1), out_dtype=torch.float32)
-        return both[:, :m] + both[:, m:], None
-    if k % 2 or x.data_ptr() % 4:
-        return None
-    if not has_variant(Op.PROJ_DYN, n, c, DType.BF16, x.device.index):
-        return None
-    splits = _projection_splits(t, k, m, x.device)
-    z = empty((splits, t, m) if splits > 1 else (t, m), torch.float32, x.device)
-    r = empty((splits, t) if splits > 1 else (t,), torch.float32, x.device)
-    phi_hi = phi_lo = None
-    if k % 8 == 0 and x.data_ptr() % 16 == 0 and _wide_projection(t, m):
-        phi_hi, phi_lo = _split_bf16(phi.t().contiguous())  # [m, n·C] each
-    launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, eps_rms=eps_rms,
-           splits=splits, x=x, phi=phi, phi_hi=phi_hi, phi_lo=phi_lo, z_out=z,
-           r_out=r)  # fmt: skip
-    if splits == 1:
-        return z, r
-    # Partial sums per chunk of n·C, added in chunk order; r as token_rms computes it.
-    return z.sum(0), torch.sqrt(r.sum(0) / k + eps_rms)
+    both = torch.mm(x.view(t, n * c), torch.cat(_split_bf16(phi), 1), out_dtype=torch.float32)
+    return both[:, :m] + both[:, m:]
 
 
-def _wide_projection(t: int, m: int) -> bool:
-    """Whether the projection takes φᵀ split into bf16 hi and lo (16-byte loads): worth
-    the split's ~20·n·C·m bytes once x's 2·T·n·C bytes are much larger."""
-    return t >= 32 * m
-
-
-def _projected(x, phi, eps_rms):
-    """(z, r, z_in, r_in): buffers the fused kernel fills, or the projection's results."""
+def _projected(x, phi):
+    """(z, r, z_in): the buffers the fused kernel fills (z_in None: it projects), or the
+    GEMM's z with an r buffer the kernel fills."""
     t, n, _ = _dims(x)
-    pr = projection(x, phi, eps_rms)
-    if pr is not None and pr[1] is None:  # the kernel computes r
-        return pr[0], empty((x.shape[0],), torch.float32, x.device), pr[0], None
-    if pr is not None:
-        return pr[0], pr[1], pr[0], pr[1]
-    z = empty((t, reference.num_logits(n)), torch.float32, x.device)
+    z = projection(x, phi)
     r = empty((t,), torch.float32, x.device)
-    return z, r, None, None
+    if z is not None:
+        return z, r, z
+    return empty((t, reference.num_logits(n)), torch.float32, x.device), r, None
 
 
 def dynamic_coefficients(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     """(H_pre, H_post, H_res, z, r)."""
     t, n, c = _dims(x)
     h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
-    z, r, z_in, r_in = _projected(x, phi, eps_rms)
+    z, r, z_in = _projected(x, phi)
     if t:
         launch(Op.COEFFS_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, h_pre=h_pre, h_post=h_post,
-               h_res=h_res, z_in=z_in, r_in=r_in, z_out=None if z_in is not None else z,
-               r_out=None if r_in is not None else r)  # fmt: skip
+               h_res=h_res, z_in=z_in, z_out=None if z_in is not None else z,
+               r_out=r)  # fmt: skip
     return h_pre, h_post, h_res, z, r
 
 
@@ -118,13 +90,13 @@ def pre_dynamic(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     t, n, c = _dims(x)
     u = empty((t, c), x.dtype, x.device)
     h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
-    z, r, z_in, r_in = _projected(x, phi, eps_rms)
+    z, r, z_in = _projected(x, phi)
     if t:
         launch(Op.PRE_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, out=u, h_pre=h_pre, h_post=h_post,
-               h_res=h_res, z_in=z_in, r_in=r_in, z_out=None if z_in is not None else z,
-               r_out=None if r_in is not None else r)  # fmt: skip
+               h_res=h_res, z_in=z_in, z_out=None if z_in is not None else z,
+               r_out=r)  # fmt: skip
     return u, h_pre, h_post, h_res, z, r
 
 
@@ -162,13 +134,12 @@ def layer_dynamic(x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     """(x_next, z, r)."""
     t, n, c = _dims(x)
     out = empty(x.shape, x.dtype, x.device)
-    z, r, z_in, r_in = _projected(x, phi, eps_rms)
+    z, r, z_in = _projected(x, phi)
     if t:
         launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, norm_weight=weight, out=out, z_in=z_in,
-               r_in=r_in, z_out=None if z_in is not None else z,
-               r_out=None if r_in is not None else r)  # fmt: skip
+               z_out=None if z_in is not None else z, r_out=r)  # fmt: skip
     return out, z, r
 
 
@@ -256,19 +227,6 @@ def _phi_splits(t: int, k: int, device) -> int:
     row_blocks = -(-k // 256)
     want = -(-2 * sms // row_blocks)
     return max(1, min(want, -(-t // 64), 64))
-
-
-_PROJ_ROWS, _PROJ_COLS = 32, 64  # tokens and logit columns per projection block (tile 2)
-
-
-def _projection_splits(t: int, k: int, m: int, device) -> int:
-    """Chunks of n·C for the projection when tokens alone give too few blocks (short
-    sequences, large n): at least two blocks per SM, each chunk ≥ 1024 wide."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if t else 1
-    blocks = -(-t // _PROJ_ROWS) * -(-m // _PROJ_COLS)
-    if blocks >= 2 * sms:
-        return 1
-    return max(1, min(-(-2 * sms // blocks), k // 1024, 64))
 
 
 def _split_bf16(v):

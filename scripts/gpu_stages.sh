@@ -8,7 +8,7 @@
 #   bench     benchmarks/bench.py (BENCH_ARGS, default --quick)           -> $OUT/bench/
 #   profile   benchmarks/profile_ops.py (PROFILE_ARGS): per-kernel time of a dynamic step
 #   profile1  the same with one Sinkhorn iteration (what the 20 iterations cost)
-#   profilek  the same with the mma.sync projection kernel instead of cuBLAS
+#   profilec  the same with the projection on CUDA cores (the ROCm path) instead of cuBLAS
 #   ncu       Nsight Compute on the kernels matching NCU_KERNELS in that step
 #   tests     the GPU tests (PYTEST_ARGS, default tests/gpu)
 #   tune      benchmarks/autotune.py (build with MHC_PROFILE=tune): the tuning table, which
@@ -28,7 +28,8 @@ stage() { # name, budget in seconds, command...
   t0=$(date +%s)
   timeout "$budget" "$@" >"$OUT/$name.log" 2>&1
   echo "$name: rc $? in $(($(date +%s) - t0)) s"
-  tail -25 "$OUT/$name.log"
+  # The last lines, without progress-bar redraws (the reply keeps only the output's tail).
+  tr '\r' '\n' <"$OUT/$name.log" | grep -v 'it/s' | tail -"${TAIL_LINES:-15}"
 }
 STEPS=${STEPS:-600}
 for s in "$@"; do
@@ -48,7 +49,7 @@ for s in "$@"; do
   bench) stage bench ${BENCH_S:-400} python3 benchmarks/bench.py ${BENCH_ARGS:---quick --reps 20} --out "$OUT/bench" ;;
   profile) stage profile 60 python3 benchmarks/profile_ops.py ${PROFILE_ARGS:-} ;;
   profile1) stage profile1 60 python3 benchmarks/profile_ops.py --iters 1 ${PROFILE_ARGS:-} ;;
-  profilek) stage profilek 60 python3 benchmarks/profile_ops.py --projection kernel ${PROFILE_ARGS:-} ;;
+  profilec) stage profilec 60 python3 benchmarks/profile_ops.py --projection cores ${PROFILE_ARGS:-} ;;
   ncu)
     # One launch of each kernel matching NCU_KERNELS: bandwidth, occupancy, stall reasons.
     stage ncu 150 ncu --kernel-name "regex:${NCU_KERNELS:-pre_bwd|projection|token_kernel}" \
@@ -64,9 +65,6 @@ for s in "$@"; do
   *) echo "unknown stage $s" ;;
   esac
 done
-# The device tool returns a limited number of files: one archive of the stage outputs.
-dirs=$(cd "$OUT" && ls -d example example_bf16 example2 sanitizer bench 2>/dev/null)
-if [ -n "$dirs" ]; then
-  # shellcheck disable=SC2086
-  tar czf "$OUT/stages.tgz" -C "$OUT" $dirs && (cd "$OUT" && rm -rf $dirs)
-fi
+# The device tool returns at most eight files: everything but gpu.txt in one archive.
+(cd "$OUT" && tar czf /tmp/stages.tgz --exclude gpu.txt . && find . -mindepth 1 ! -name gpu.txt -delete &&
+  mv /tmp/stages.tgz stages.tgz)

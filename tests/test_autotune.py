@@ -24,5 +24,5 @@ def test_tune_profile_adds_tiles_at_the_benchmark_size_only():
     tune = {s.name for s in specs_for(Arch.SM90, "tune")}
     assert default < tune
     groups = candidates(sorted(tune), Arch.SM90)
-    assert "pre_dyn_n4_h4096_bf16_sm90" in groups and "proj_dyn_n4_hany_bf16_sm90" in groups
-    assert all("_h4096_" in key or key.startswith("proj_dyn_n4_") for key in groups)
+    assert "pre_dyn_n4_h4096_bf16_sm90" in groups
+    assert all("_n4_h4096_" in key for key in groups)

@@ -50,7 +50,6 @@ def test_spec_for_compiles_compile_time_n():
     spec = jit.spec_for(Op.PRE_DYN, 3, DType.BF16, Arch.SM80)
     assert spec.name == "pre_dyn_n3_hany_bf16_tm4_sm80"
     assert jit.spec_for(Op.PRE_DYN, 33, DType.BF16, Arch.SM80) is None
-    assert jit.spec_for(Op.PROJ_DYN, 4, DType.FP32, Arch.SM90) is None  # bf16 only
 
 
 def test_cache_key_covers_templates_and_flags(tmp_path, monkeypatch, cache):

@@ -63,13 +63,6 @@ def test_parse_rejects(bad):
         parse(bad)
 
 
-def test_tensor_core_projection_is_bf16_cuda_only():
-    assert is_supported(KernelSpec(Op.PROJ_DYN, 4, None, DType.BF16, Arch.SM80, 2))
-    assert not is_supported(KernelSpec(Op.PROJ_DYN, 4, None, DType.FP32, Arch.SM90, 2))
-    assert not is_supported(KernelSpec(Op.PROJ_DYN, 4, None, DType.BF16, Arch.GFX942, 2))
-    assert not any(s.op is Op.PROJ_DYN for s in specs_for(Arch.GFX90A))
-
-
 def test_validity():
     ok = KernelSpec(Op.PRE_DYN, 4, 4096, DType.BF16, Arch.SM90)
     assert is_supported(ok)

@@ -100,13 +100,8 @@ def test_forward_variant(name, data):
     dev = torch.device("cuda")
     dtype = TORCH_DTYPES[spec.dtype]
     lead, n, c = _shape(spec, data)
-    # The bf16 projection: a cuBLAS GEMM, or the mma.sync kernel's wide path (16-byte
-    # loads of x and of φᵀ split by the caller; n·C a multiple of 8) or narrow path (bf16
-    # pairs; odd n·C runs without the kernel).
-    paths = ["wide", "narrow"] if spec.op is Op.PROJ_DYN else ["gemm", "wide", "narrow"]
-    path = data.draw(st.sampled_from(paths), label="projection") if spec.op.dynamic else "gemm"
-    while spec.op is Op.PROJ_DYN and (n * c) % (8 if path == "wide" else 2):
-        c += 1
+    # bf16 x on CUDA: the projection as a cuBLAS GEMM, or (as on ROCm) in the fused kernel.
+    gemm = data.draw(st.booleans(), label="gemm") if spec.op.dynamic else True
     p = _params(n, c, data, dev)
     x = torch.randn(*lead, n, c, generator=p["gen"]).to(dtype).to(dev)
     y = torch.randn(*lead, c, generator=p["gen"]).to(dtype).to(dev)
@@ -117,10 +112,9 @@ def test_forward_variant(name, data):
 
     with (
         forced_variant(name),
-        mock.patch.object(gpu, "_gemm_projection", lambda x: path == "gemm"),
-        mock.patch.object(gpu, "_wide_projection", lambda t, m: path == "wide"),
+        mock.patch.object(gpu, "_gemm_projection", lambda x: gemm),
     ):
-        if spec.op in (Op.COEFFS_DYN, Op.PROJ_DYN):
+        if spec.op is Op.COEFFS_DYN:
             got = _run_twice(lambda: mhc_gen.dynamic_coefficients(x, phi, alpha, b, **kw))
             for g_, r_, w_ in zip(got, ref_dyn, ("H_pre", "H_post", "H_res"), strict=True):
                 assert_close(g_, r_, w_)

@@ -36,8 +36,6 @@ enum Ptr : int {
   kPhiT,          // [m, n·C] fp32 φᵀ for pre's backward (coalesced per logit); may be null
   kYF32,          // [T, C] fp32 y for post's backward instead of kY (the seed layer's
                   // y = RMSNorm(u)·w, which its fused forward never rounds); may be null
-  kPhiHi,         // [m, n·C] bf16 φᵀ rounded, for the projection's 16-byte path; may be null
-  kPhiLo,         // [m, n·C] bf16 φᵀ − hi rounded (φ ≈ hi + lo); given with kPhiHi
   // forward outputs
   kOut,    // u [T, C] (pre) or x_next [T, n, C] (post, layer)
   kHPre,   // [T, n] or [n]; may be null
@@ -66,8 +64,7 @@ struct Args {
   int64_t hidden;
   int n;
   int sinkhorn_iters;
-  int splits;  // phi_grad: token chunks, each summed into its own ∂φ slice; projection: K
-               // chunks, each writing its partial z [T, m] and Σx̄² [T] (summed by the caller)
+  int splits;  // phi_grad: token chunks, each summed into its own ∂φ slice
   float eps_rms;
   float eps_sk;
   float post_mult;
