@@ -262,13 +262,42 @@ def _phi_grad(x, dz, splits_for):
     return parts.sum(0)
 
 
+def _gemm_dz_phi(x, n: int) -> bool:
+    """Whether ∂z·φᵀ runs as a cuBLAS GEMM rather than inside pre's backward kernel: for
+    n ≥ 16 (m ≥ 288 logits a token) the kernel's m FMAs per element of x on CUDA cores
+    outweigh the GEMM's extra fp32 [T, n·C] pass."""
+    return n >= 16 and x.is_cuda and torch.version.hip is None
+
+
+def _dx_by_gemm(x, grad_u, dz, z, r, dalpha_tok, phi, alpha, b, grad_x_in):
+    """pre's ∂x from the kernel's per-token outputs: ∂z·φᵀ as one bf16 GEMM on split
+    operands (∂z·φᵀ ≈ ∂z_hi·φ_hiᵀ + ∂z_hi·φ_loᵀ + ∂z_lo·φ_hiᵀ, stacked along the reduction),
+    then H_pre·∂u + ∂r·x̄/(n·C·r) (+ grad_x_in) in fp32."""
+    t, n, c = _dims(x)
+    k = n * c
+    dz_hi, dz_lo = _split_bf16(dz)
+    phi_hi, phi_lo = _split_bf16(phi.t().contiguous())
+    g = torch.mm(torch.cat([dz_hi, dz_hi, dz_lo], 1), torch.cat([phi_hi, phi_lo, phi_hi], 0),
+                 out_dtype=torch.float32).view(t, n, c)  # fmt: skip
+    # ∂r = −Σ_g α_g·∂α_g/r, over r again and n·C: the factor of x̄ (as the kernel forms it).
+    dr = -(dalpha_tok @ alpha) / r / (k * r)
+    g.add_(x * dr[:, None, None])
+    if grad_u is not None:
+        h_pre = torch.sigmoid(alpha[0] * z[:, :n] / r[:, None] + b[:n])
+        g.add_(h_pre[:, :, None] * grad_u[:, None, :])
+    if grad_x_in is not None:
+        g.add_(grad_x_in)
+    return g.to(x.dtype)
+
+
 def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, phi, alpha, b,
                          iters, eps_rms, eps_sk, post_mult, grad_x_in=None):  # fmt: skip
     """(∂x, ∂φ, ∂α, ∂b) of the dynamic pre (or, with grad_u None, of the coefficients);
     grad_x_in, a ∂x from another path, is added to ∂x in the same pass."""
     t, n, c = _dims(x)
     m = reference.num_logits(n)
-    dx = empty(x.shape, x.dtype, x.device)
+    gemm = _gemm_dz_phi(x, n)
+    dx = None if gemm else empty(x.shape, x.dtype, x.device)
     dlogits = empty((t, m), torch.float32, x.device)
     dz = empty((t, m), torch.float32, x.device)
     dalpha_tok = empty((t, 3), torch.float32, x.device)
@@ -278,9 +307,11 @@ def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, p
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, grad_out=grad_u, grad_h_pre_in=grad_h_pre,
                grad_h_post_in=grad_h_post, grad_h_res_in=grad_h_res, z_in=z, r_in=r,
-               phi_t=phi.t().contiguous(), grad_x_in=grad_x_in, grad_x=dx,
+               phi_t=None if gemm else phi.t().contiguous(), grad_x_in=grad_x_in, grad_x=dx,
                grad_logits=dlogits, grad_z=dz, grad_alpha_tok=dalpha_tok,
                scratch=scratch)  # fmt: skip
+    if gemm:
+        dx = _dx_by_gemm(x, grad_u, dz, z, r, dalpha_tok, phi, alpha, b, grad_x_in)
     # Token sums in torch's fixed order (the kernel wrote per-token values; no atomics).
     return dx, _phi_grad(x, dz, _phi_splits), dalpha_tok.sum(0), dlogits.sum(0)
 

@@ -132,3 +132,34 @@ def test_gemm_projection_leaves_r_to_the_kernel(monkeypatch):
     assert op is Op.PRE_DYN and "r_in" not in kw and kw["r_out"] is r and kw["z_out"] is None
     x2 = v["x"].float().view(T, -1)
     assert torch.allclose(kw["z_in"], x2 @ v["phi"], rtol=1e-4, atol=1e-4)
+
+
+def test_pre_backward_with_the_dz_phi_gemm_skips_the_kernels_phase_3(monkeypatch):
+    seen = []
+
+    def record(op, device, dtype, **kw):
+        seen.append((op, kw))
+        if op is Op.PRE_BWD_DYN:
+            kw["grad_z"].normal_(), kw["grad_alpha_tok"].normal_(), kw["grad_logits"].zero_()
+
+    monkeypatch.setattr(gpu, "launch", record)
+    monkeypatch.setattr(gpu, "_gemm_dz_phi", lambda x, n: True)
+    monkeypatch.setattr(gpu, "_phi_splits", lambda t, k, device: 2)
+    monkeypatch.setattr(gpu.torch, "mm", lambda a, b, out_dtype: a.float() @ b.float())
+    v, m = _inputs(), R.num_logits(N)
+    z, r = torch.randn(T, m), torch.rand(T) + 1
+    dx_in = torch.randn(T, N, C).to(torch.bfloat16)
+    dx, dphi, dalpha, db = gpu.pre_dynamic_backward(
+        v["y"], None, None, None, v["x"], z, r, v["phi"], v["alpha"], v["b"], 20, 1e-6, 1e-6, 2,
+        grad_x_in=dx_in,
+    )  # fmt: skip
+    kw = seen[0][1]
+    assert kw["grad_x"] is None and kw["phi_t"] is None
+    # ∂x = ∂z·φᵀ + ∂r·x̄/(n·C·r) + H_pre·∂u + ∂x_in, with ∂r = −Σ_g α_g·∂α_g/r.
+    dz, da = kw["grad_z"], kw["grad_alpha_tok"]
+    dr = -(da @ v["alpha"]) / r / (N * C * r)
+    h_pre = torch.sigmoid(v["alpha"][0] * z[:, :N] / r[:, None] + v["b"][:N])
+    want = (dz @ v["phi"].t()).view(T, N, C) + dr[:, None, None] * v["x"].float()
+    want += h_pre[:, :, None] * v["y"].float()[:, None, :] + dx_in.float()
+    assert dx.dtype == torch.bfloat16 and dx.shape == (T, N, C)
+    assert torch.allclose(dx.float(), want, rtol=1e-2, atol=1e-2)

@@ -8,6 +8,8 @@ bitwise the same gradients.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 import mhc_gen
 from generator.spec import Op, parse
+from mhc_gen import gpu
 from mhc_gen import reference as R
 from mhc_gen._launch import TORCH_DTYPES
 from mhc_gen.testing import GRAD_TOLERANCES, assert_close, bitwise_equal
@@ -159,7 +162,13 @@ def test_backward_variant(name, data):
     h_post, h_res = _h_post_res({k: u.double() for k, u in v.items()}, iters)
     v["h_post"], v["h_res"] = h_post, h_res
     fn, ref, names = _families(iters)[spec.op]
-    with mhc_gen.forced_variant(name):
+    # ∂x of the dynamic pre: inside the kernel, or (the default for n ≥ 16 on CUDA) with
+    # ∂z·φᵀ as a GEMM after the kernel's phases 1-2.
+    gemm = data.draw(st.booleans(), label="dz_phi_gemm")
+    with (
+        mhc_gen.forced_variant(name),
+        mock.patch.object(gpu, "_gemm_dz_phi", lambda x, n: gemm),
+    ):
         _check(fn, ref, names, v, dtype, seed + 1, name)
 
 

@@ -45,7 +45,7 @@ enum Ptr : int {
   kROut,   // [T] fp32 r for the backward; may be null
   kUF32,   // [T, C] fp32 u instead of kOut (pre; the seed layer's backward recompute)
   // backward outputs
-  kGradX,         // [T, n, C] variant dtype
+  kGradX,         // [T, n, C] variant dtype (pre backward: may be null, phases 1-2 only)
   kGradY,         // [T, C] variant dtype
   kGradHPre,      // [T, n] fp32 per token
   kGradHPost,     // [T, n] fp32 per token

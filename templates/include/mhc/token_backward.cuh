@@ -348,6 +348,8 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
   // (+ ∂x from another path). Each thread owns KV consecutive k; the block's TM tokens
   // share every φ load. Fast path: φᵀ, so that a warp's loads of one logit's row are
   // one contiguous 512-byte run (φ's own rows, 4·m floats apart per lane, were not).
+  // No ∂x output: the caller wanted ∂z, ∂h̃ and ∂α only (it forms ∂x with a GEMM).
+  if (a.out<T>(kGradX) == nullptr) return;
   T* dx = a.out<T>(kGradX) + t0 * K;
   const T* dx_in = a.in<T>(kGradXIn);
   if (dx_in) dx_in += t0 * K;
