@@ -1,7 +1,8 @@
 """Every kernel family once, small shapes, forward and backward: the workload that
 scripts/sanitize.sh runs under compute-sanitizer's memcheck, racecheck, initcheck
 and synccheck. Covers compile-time n (4, 32) and run-time n (3), the 16-byte and
-the scalar path (C = 1280, 77), bf16 (tensor-core projection), fp16 and fp32."""
+the scalar path (C = 1280, 77), bf16 (the projection as a cuBLAS GEMM, r in the fused
+kernel; for n = 32 the pre backward's ∂z·φᵀ as a GEMM too), fp16 and fp32."""
 
 from __future__ import annotations
 
