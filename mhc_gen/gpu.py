@@ -34,9 +34,18 @@ def _coeff_outputs(lead, n, device):
 # ---------------------------------------------------------------- forward
 
 
+# Below this many multiply-adds (T·n·C·m) the fused kernel's own projection on CUDA cores
+# costs less than the GEMM path's seven host-side torch calls (φ split, cuBLAS, the sum).
+_GEMM_PROJECTION_MIN_FMA = 1 << 27
+
+
 def _gemm_projection(x) -> bool:
-    """Whether z = x̄·φ runs as a cuBLAS GEMM (CUDA; torch.mm with out_dtype is CUDA-only)."""
-    return x.is_cuda and torch.version.hip is None
+    """Whether z = x̄·φ runs as a cuBLAS GEMM (CUDA only: torch.mm with out_dtype): where
+    the GEMM's work outweighs its host cost."""
+    if not x.is_cuda or torch.version.hip is not None:
+        return False
+    n = x.shape[-2]
+    return x.numel() * reference.num_logits(n) >= _GEMM_PROJECTION_MIN_FMA
 
 
 def projection(x, phi):
