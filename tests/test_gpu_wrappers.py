@@ -2,6 +2,7 @@
 output shapes and dtypes, and that every kernel argument names an mhc::Ptr and
 is a contiguous tensor."""
 
+import math
 import re
 
 import pytest
@@ -163,3 +164,27 @@ def test_pre_backward_with_the_dz_phi_gemm_skips_the_kernels_phase_3(monkeypatch
     want += h_pre[:, :, None] * v["y"].float()[:, None, :] + dx_in.float()
     assert dx.dtype == torch.bfloat16 and dx.shape == (T, N, C)
     assert torch.allclose(dx.float(), want, rtol=1e-2, atol=1e-2)
+
+
+class _CudaLike:
+    """Stands in for a CUDA tensor where only the shape matters to a path choice."""
+
+    is_cuda = True
+
+    def __init__(self, *shape):
+        self.shape = shape
+
+    def numel(self):
+        return math.prod(self.shape)
+
+
+def test_projection_and_dz_phi_gemms_where_the_work_pays(monkeypatch):
+    monkeypatch.setattr(gpu.torch.version, "hip", None)
+    assert not gpu._gemm_projection(_CudaLike(320, 4, 1280))  # seed config: fused kernel
+    assert gpu._gemm_projection(_CudaLike(16384, 4, 4096))
+    assert gpu._gemm_projection(_CudaLike(32, 32, 1280))  # n = 32: m = 1088 logits a token
+    assert not gpu._gemm_dz_phi(_CudaLike(16384, 8, 4096), 8)
+    assert gpu._gemm_dz_phi(_CudaLike(1024, 16, 4096), 16)
+    monkeypatch.setattr(gpu.torch.version, "hip", "6.2")
+    assert not gpu._gemm_projection(_CudaLike(16384, 4, 4096))  # ROCm: no out_dtype mm
+    assert not gpu._gemm_dz_phi(_CudaLike(1024, 32, 4096), 32)
