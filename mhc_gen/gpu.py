@@ -51,7 +51,8 @@ def _gemm_projection(x) -> bool:
 def projection(x, phi):
     """z = x̄·φ on tensor cores for bf16 x on CUDA: one cuBLAS bf16 GEMM on φ split into
     bf16 hi + lo (x exact, φ to ~17 bits, fp32 accumulation; deterministic), or None
-    (other dtypes, ROCm): the fused kernels then project on CUDA cores in exact fp32.
+    (other dtypes, ROCm, below _GEMM_PROJECTION_MIN_FMA): the fused kernels then project
+    on CUDA cores in exact fp32.
     r is left to the kernel that takes z, which computes it in its pass over x."""
     t, n, c = _dims(x)
     if x.dtype != torch.bfloat16 or t == 0 or not _gemm_projection(x):
