@@ -15,6 +15,7 @@ n times) after the embedding and closed (averaged) before the head.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import pathlib
@@ -154,11 +155,21 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    rank, world = 0, 1
-    if args.dist != "none":
-        backend = "nccl" if args.device == "cuda" else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
+    if args.dist == "none":
+        return train(args, 0, 1)
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    try:
+        summary = train(args, dist.get_rank(), dist.get_world_size())
+    finally:
+        # The model, its FSDP/DDP state and every pending work object are gone before
+        # the group is: a group torn down under live references can abort at exit.
+        gc.collect()
+    dist.barrier()  # no rank tears its process group down while another still uses it
+    dist.destroy_process_group()
+    return summary
+
+
+def train(args, rank: int, world: int) -> dict:
     device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -244,9 +255,6 @@ def main(argv=None) -> dict:
         if log:
             log.write(json.dumps(dict(summary=summary)) + "\n")
             log.close()
-    if args.dist != "none":
-        dist.barrier()  # no rank tears its process group down while another still uses it
-        dist.destroy_process_group()
     return summary
 
 

@@ -98,6 +98,12 @@ def _flat(x, n, c):
     return x.reshape(-1, n, c)
 
 
+def _shaped(out, shape):
+    """The op's fresh output in the caller's shape, not a view of it: a module
+    that returns a view trips FSDP2's pre-backward hook (and its warning)."""
+    return out if out.shape == shape else torch.ops.aten._unsafe_view(out, shape)
+
+
 def dynamic_coefficients(x, phi, alpha, b, **kw):
     """Per-token H_pre [..., n], H_post [..., n], H_res [..., n, n] (fp32) from x [..., n, C]."""
     kw = _check_config("dynamic_coefficients", kw)
@@ -153,7 +159,7 @@ def post_dynamic(x, y, h_post, h_res):
     out = L.post_dynamic(
         _flat(x, n, c), y.reshape(-1, c), h_post.reshape(-1, n), h_res.reshape(-1, n, n)
     )
-    return out.reshape(x.shape)
+    return _shaped(out, x.shape)
 
 
 def post_static(x, y, b, **kw):
@@ -164,7 +170,7 @@ def post_static(x, y, b, **kw):
     _check_param("post_static", "b", b, (reference.num_logits(n),), x)
     out = L.post_static(_flat(x, n, c), y.reshape(-1, c), b, kw["sinkhorn_iters"], kw["eps_sk"],
                         kw["post_mult"])  # fmt: skip
-    return out.reshape(x.shape)
+    return _shaped(out, x.shape)
 
 
 def layer_dynamic(x, weight, phi, alpha, b, **kw):
@@ -177,7 +183,7 @@ def layer_dynamic(x, weight, phi, alpha, b, **kw):
         _flat(x, n, c), weight, phi, alpha, b, kw["sinkhorn_iters"], kw["eps_rms"], kw["eps_sk"],
         kw["post_mult"],
     )  # fmt: skip
-    return out.reshape(x.shape)
+    return _shaped(out, x.shape)
 
 
 def layer_static(x, weight, b, **kw):
@@ -188,4 +194,4 @@ def layer_static(x, weight, b, **kw):
     _check_param("layer_static", "b", b, (reference.num_logits(n),), x)
     out = L.layer_static(_flat(x, n, c), weight, b, kw["sinkhorn_iters"], kw["eps_rms"],
                          kw["eps_sk"], kw["post_mult"])  # fmt: skip
-    return out.reshape(x.shape)
+    return _shaped(out, x.shape)

@@ -14,9 +14,12 @@ TINY = ["--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "32", "--ste
         "--data-bytes", "200000", "--device", "cpu"]  # fmt: skip
 
 
-def _run(cmd):
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+def _run(cmd, tries=1):
+    for _ in range(tries):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if res.returncode == 0 or "Signal 6 (SIGABRT)" not in res.stderr:
+            break
+    assert res.returncode == 0, f"stdout: {res.stdout[-1000:]}\nstderr: {res.stderr[-3000:]}"
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1])
 
@@ -40,8 +43,12 @@ def test_two_processes_match_one(mode):
         "--nproc-per-node",
         "2",
     ]
+    # Two tries: on a loaded 2-core CI machine a gloo rank has once aborted in
+    # torch's own code ("terminate called without an active exception"); a second
+    # abort, any other failure or a loss mismatch still fails.
     two = _run(
-        [*torchrun, str(EXAMPLE), "--residual", "mhc", "--batch", "2", "--dist", mode, *TINY]
+        [*torchrun, str(EXAMPLE), "--residual", "mhc", "--batch", "2", "--dist", mode, *TINY],
+        tries=2,
     )
     assert two["world"] == 2
     assert two["final_loss"] == pytest.approx(one["final_loss"], rel=1e-5)
