@@ -7,6 +7,9 @@ their autograd here; their backward formulas are themselves custom ops and
 torch ops, so AOTAutograd traces them and CUDA graphs capture them.
 
 All ops take x as [T, n, C]; mhc_gen.ops validates and flattens.
+
+Eager calls skip the dispatcher (see _Op): its Python custom-op machinery cost
+more host time than the kernels themselves at small sizes.
 """
 
 from __future__ import annotations
@@ -44,10 +47,66 @@ def _kw(iters, eps_sk, post_mult):
     return dict(sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult)
 
 
+def _eager(args) -> bool:
+    """Whether a call may skip the dispatcher: not traced by torch.compile, no
+    dispatch mode (FakeTensor, export, FLOP counters), no torch.func transform and
+    plain tensors (no subclass such as DTensor): all of these must see the op."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._are_functorch_transforms_active()
+        and all(type(a) is Tensor for a in args if isinstance(a, Tensor))
+    )
+
+
+class _Op:
+    """A torch.ops.mhc_gen custom op with an eager shortcut to the same functions.
+
+    Eager calls run the op's implementation directly, under an autograd.Function
+    built from the op's own setup_context and backward when a gradient is wanted;
+    traced calls go through torch.ops. Both run the same code, so results are
+    identical; the shortcut only drops the dispatcher's per-call Python cost."""
+
+    def __init__(self, name: str, impl):
+        self.op = torch.library.custom_op(f"{_LIB}::{name}", mutates_args=())(impl)
+        self.impl = impl
+        self.register_fake = self.op.register_fake
+        self._function = None
+
+    def register_autograd(self, backward, *, setup_context):
+        self.op.register_autograd(backward, setup_context=setup_context)
+        impl = self.impl
+
+        def forward(ctx, *inputs):
+            output = impl(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        self._function = type(f"{self.op._name}_autograd", (torch.autograd.Function,),
+                              {"forward": staticmethod(forward),
+                               "backward": staticmethod(backward)})  # fmt: skip
+
+    def __call__(self, *args):
+        if not _eager(args):
+            return self.op(*args)
+        if self._function is not None and torch.is_grad_enabled() and _any_grad(args):
+            return self._function.apply(*args)
+        return self.impl(*args)
+
+
+def _any_grad(args) -> bool:
+    return any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+def _custom_op(name: str):
+    """@torch.library.custom_op(mhc_gen::name) with the eager shortcut (_Op)."""
+    return lambda impl: _Op(name, impl)
+
+
 # ================================================================ coefficients
 
 
-@torch.library.custom_op(f"{_LIB}::dynamic_coefficients", mutates_args=())
+@_custom_op("dynamic_coefficients")
 def dynamic_coefficients(
     x: Tensor, phi: Tensor, alpha: Tensor, b: Tensor, iters: int, eps_rms: float, eps_sk: float,
     post_mult: float,
@@ -75,7 +134,7 @@ def _(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     return _coeff_fakes(x)
 
 
-@torch.library.custom_op(f"{_LIB}::static_coefficients", mutates_args=())
+@_custom_op("static_coefficients")
 def static_coefficients(
     b: Tensor, n: int, iters: int, eps_sk: float, post_mult: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -90,7 +149,7 @@ def _(b, n, iters, eps_sk, post_mult):
     return b.new_empty((n,), dtype=dt), b.new_empty((n,), dtype=dt), b.new_empty((n, n), dtype=dt)
 
 
-@torch.library.custom_op(f"{_LIB}::static_coefficients_backward", mutates_args=())
+@_custom_op("static_coefficients_backward")
 def static_coefficients_backward(
     grad_h_pre: Tensor | None, grad_h_post: Tensor | None, grad_h_res: Tensor | None,
     b: Tensor, n: int, iters: int, eps_sk: float, post_mult: float,
@@ -128,7 +187,7 @@ static_coefficients.register_autograd(
 # ================================================================ pre
 
 
-@torch.library.custom_op(f"{_LIB}::pre_dynamic", mutates_args=())
+@_custom_op("pre_dynamic")
 def pre_dynamic(
     x: Tensor, phi: Tensor, alpha: Tensor, b: Tensor, iters: int, eps_rms: float, eps_sk: float,
     post_mult: float,
@@ -147,7 +206,7 @@ def _(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     return (x.new_empty((x.shape[0], x.shape[2])), *_coeff_fakes(x))
 
 
-@torch.library.custom_op(f"{_LIB}::pre_dynamic_backward", mutates_args=())
+@_custom_op("pre_dynamic_backward")
 def pre_dynamic_backward(
     grad_u: Tensor | None, grad_h_pre: Tensor | None, grad_h_post: Tensor | None,
     grad_h_res: Tensor | None, x: Tensor, z: Tensor, r: Tensor, phi: Tensor, alpha: Tensor,
@@ -201,7 +260,7 @@ pre_dynamic.register_autograd(_pre_dynamic_bwd, setup_context=_dynamic_setup)
 dynamic_coefficients.register_autograd(_dynamic_coefficients_bwd, setup_context=_dynamic_setup)
 
 
-@torch.library.custom_op(f"{_LIB}::pre_static", mutates_args=())
+@_custom_op("pre_static")
 def pre_static(x: Tensor, b: Tensor, iters: int, eps_sk: float, post_mult: float) -> Tensor:
     if _on_cpu(x):
         return R.pre(x, R.static_coefficients(b, x.shape[1], **_kw(iters, eps_sk, post_mult))[0])
@@ -213,7 +272,7 @@ def _(x, b, iters, eps_sk, post_mult):
     return x.new_empty((x.shape[0], x.shape[2]))
 
 
-@torch.library.custom_op(f"{_LIB}::pre_static_backward", mutates_args=())
+@_custom_op("pre_static_backward")
 def pre_static_backward(
     grad_u: Tensor, x: Tensor, b: Tensor, iters: int, eps_sk: float, post_mult: float
 ) -> tuple[Tensor, Tensor]:
@@ -246,7 +305,7 @@ pre_static.register_autograd(_pre_static_bwd, setup_context=_static_setup)
 # ================================================================ post
 
 
-@torch.library.custom_op(f"{_LIB}::post_dynamic", mutates_args=())
+@_custom_op("post_dynamic")
 def post_dynamic(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     if _on_cpu(x):
         return R.post(x, y, h_post, h_res)
@@ -258,7 +317,7 @@ def _(x, y, h_post, h_res):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op(f"{_LIB}::post_dynamic_backward", mutates_args=())
+@_custom_op("post_dynamic_backward")
 def post_dynamic_backward(
     grad: Tensor, x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -284,7 +343,7 @@ def _post_dynamic_bwd(ctx, g):
 post_dynamic.register_autograd(_post_dynamic_bwd, setup_context=_post_dynamic_setup)
 
 
-@torch.library.custom_op(f"{_LIB}::post_static", mutates_args=())
+@_custom_op("post_static")
 def post_static(
     x: Tensor, y: Tensor, b: Tensor, iters: int, eps_sk: float, post_mult: float
 ) -> Tensor:
@@ -299,7 +358,7 @@ def _(x, y, b, iters, eps_sk, post_mult):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op(f"{_LIB}::post_static_backward", mutates_args=())
+@_custom_op("post_static_backward")
 def post_static_backward(
     grad: Tensor, x: Tensor, y: Tensor, b: Tensor, iters: int, eps_sk: float, post_mult: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -333,7 +392,7 @@ post_static.register_autograd(_post_static_bwd, setup_context=_static_setup)
 # and u, then runs post's backward, RMSNorm's backward (fp32) and pre's backward.
 
 
-@torch.library.custom_op(f"{_LIB}::layer_dynamic", mutates_args=())
+@_custom_op("layer_dynamic")
 def layer_dynamic(
     x: Tensor, weight: Tensor, phi: Tensor, alpha: Tensor, b: Tensor, iters: int, eps_rms: float,
     eps_sk: float, post_mult: float,
@@ -360,7 +419,7 @@ def _layer_dynamic_setup(ctx, inputs, output):
     ctx.cfg = (iters, eps_rms, eps_sk, post_mult)
 
 
-@torch.library.custom_op(f"{_LIB}::layer_dynamic_backward", mutates_args=())
+@_custom_op("layer_dynamic_backward")
 def layer_dynamic_backward(
     grad: Tensor, x: Tensor, weight: Tensor, phi: Tensor, alpha: Tensor, b: Tensor, z: Tensor,
     r: Tensor, iters: int, eps_rms: float, eps_sk: float, post_mult: float,
@@ -394,7 +453,7 @@ def _layer_dynamic_bwd(ctx, g, _gz, _gr):
 layer_dynamic.register_autograd(_layer_dynamic_bwd, setup_context=_layer_dynamic_setup)
 
 
-@torch.library.custom_op(f"{_LIB}::layer_static", mutates_args=())
+@_custom_op("layer_static")
 def layer_static(
     x: Tensor, weight: Tensor, b: Tensor, iters: int, eps_rms: float, eps_sk: float,
     post_mult: float,
@@ -410,7 +469,7 @@ def _(x, weight, b, iters, eps_rms, eps_sk, post_mult):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op(f"{_LIB}::layer_static_backward", mutates_args=())
+@_custom_op("layer_static_backward")
 def layer_static_backward(
     grad: Tensor, x: Tensor, weight: Tensor, b: Tensor, iters: int, eps_rms: float, eps_sk: float,
     post_mult: float,

@@ -6,6 +6,7 @@
 #   example2  examples/compare.py on two GPUs (1 GPU vs DDP vs FSDP2, one JIT build) -> $OUT/example2/
 #   sanitize  scripts/sanitize.sh (compute-sanitizer, four tools)         -> $OUT/sanitizer/
 #   bench     benchmarks/bench.py (BENCH_ARGS, default --quick)           -> $OUT/bench/
+#   host      benchmarks/host_overhead.py --profile: host µs per op call (launch-bound sizes)
 #   profile   benchmarks/profile_ops.py (PROFILE_ARGS): per-kernel time of a dynamic step
 #   profile1  the same with one Sinkhorn iteration (what the 20 iterations cost)
 #   profilec  the same with the projection on CUDA cores (the ROCm path) instead of cuBLAS
@@ -47,6 +48,7 @@ for s in "$@"; do
     ;;
   sanitize) stage sanitize ${SANITIZE_S:-300} bash scripts/sanitize.sh ;;
   bench) stage bench ${BENCH_S:-400} python3 benchmarks/bench.py ${BENCH_ARGS:---quick --reps 20} --out "$OUT/bench" ;;
+  host) TAIL_LINES=${TAIL_LINES:-8} stage host 120 python3 benchmarks/host_overhead.py --profile ;;
   profile) stage profile 60 python3 benchmarks/profile_ops.py ${PROFILE_ARGS:-} ;;
   profile1) stage profile1 60 python3 benchmarks/profile_ops.py --iters 1 ${PROFILE_ARGS:-} ;;
   profilec) stage profilec 60 python3 benchmarks/profile_ops.py --projection cores ${PROFILE_ARGS:-} ;;

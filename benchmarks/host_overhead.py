@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Host time per call of the mHC ops: what a small, launch-bound model pays in
+Python and dispatch before any kernel runs.
+
+    python3 benchmarks/host_overhead.py              # GPU: tiny tensors, kernels run
+    python3 benchmarks/host_overhead.py --mock       # CPU: the GPU path, launches stubbed
+    python3 benchmarks/host_overhead.py --profile    # + the top cProfile entries
+
+On a GPU the tensors are so small (T = 8 by default) that the host, not the GPU, sets
+the pace: time per call over many calls is the host's cost. --mock runs the GPU path's
+Python (validation, custom-op autograd, allocation, launch arguments) on CPU tensors
+with the kernel launch replaced by a stub: a check of our own Python, not of the
+dispatch module or CUDA's launch cost. Best of several repeats, in µs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pathlib
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import mhc_gen  # noqa: E402
+from mhc_gen import _launch, gpu, library  # noqa: E402
+from mhc_gen import reference as R  # noqa: E402
+
+
+def _stub_launches() -> None:
+    """The GPU path on CPU tensors: launches build their pointer list, then return."""
+    slots = _launch._SLOT
+
+    def launch(op, device, dtype, *, n, hidden, tokens, **kw):
+        ptrs = [0] * len(slots)
+        for name, t in kw.items():
+            if isinstance(t, torch.Tensor):
+                ptrs[slots[name]] = t.data_ptr()
+
+    library._on_cpu = lambda t: False
+    gpu.launch = launch
+    gpu._phi_splits = lambda t, k, device: 4
+
+
+def _best_us(fn, sync, calls: int, repeats: int = 15) -> float:
+    for _ in range(20):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def cases(args, device):
+    n, c, t = args.n, args.C, args.T
+    m = R.num_logits(n)
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    x = torch.randn(t, n, c, device=device, dtype=dt, requires_grad=True)
+    phi = (0.01 * torch.randn(n * c, m, device=device)).requires_grad_()
+    alpha = torch.full((3,), 0.01, device=device, requires_grad=True)
+    b = torch.zeros(m, device=device, requires_grad=True)
+    w = torch.ones(c, device=device, requires_grad=True)
+    sub = torch.nn.Identity()
+
+    def connection():
+        u, _, h_post, h_res = mhc_gen.pre_dynamic(x, phi, alpha, b)
+        return mhc_gen.post_dynamic(x, sub(u), h_post, h_res)
+
+    def backward(fn):
+        def run():
+            out = fn()
+            out.backward(torch.ones_like(out))
+
+        return run
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+
+        return run
+
+    layer = lambda: mhc_gen.layer_dynamic(x, w, phi, alpha, b)  # noqa: E731
+    static = lambda: mhc_gen.post_static(x, x[:, 0], b)  # noqa: E731
+    return {
+        "connection fwd (no grad)": no_grad(connection),
+        "connection fwd+bwd": backward(connection),
+        "layer_dynamic fwd (no grad)": no_grad(layer),
+        "layer_dynamic fwd+bwd": backward(layer),
+        "post_static fwd (no grad)": no_grad(static),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--T", type=int, default=8)
+    ap.add_argument("--C", type=int, default=64)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--mock", action="store_true", help="CPU tensors, kernel launches stubbed")
+    ap.add_argument("--profile", action="store_true", help="print the top cProfile entries")
+    args = ap.parse_args()
+    if args.mock:
+        _stub_launches()
+        device, sync, where = torch.device("cpu"), lambda: None, "CPU, launches stubbed"
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no GPU: run with --mock to time the GPU path's Python on CPU")
+        device, sync = torch.device("cuda"), torch.cuda.synchronize
+        where = torch.cuda.get_device_name()
+    rows = []
+    for name, fn in cases(args, device).items():
+        rows.append(f"  {name:30s} {_best_us(fn, sync, args.calls):8.1f}")
+        if args.profile:
+            print(f"--- {name}")
+            prof = cProfile.Profile()
+            prof.runcall(lambda fn=fn: [fn() for _ in range(args.calls)])
+            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    print(f"host µs per call, T={args.T} n={args.n} C={args.C} {args.dtype}, {where}")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
