@@ -79,6 +79,23 @@ MHC_DEV void block_sum(float (&v)[TM][G], Shared<NB, TM, SLOTS>& s, float (*dst)
   __syncthreads();
 }
 
+// Σ over the block of v[t] for each of the TM tokens, in a fixed order (warp sums, then
+// the warps in index order): thread t < limit returns token t's sum, the others 0.
+template <int NB, int TM, int SLOTS>
+MHC_DEV float token_sums(const float (&v)[TM], Shared<NB, TM, SLOTS>& s, int limit) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int t = 0; t < TM; ++t) {
+    const float w = warp_sum(v[t]);
+    if (lane == 0) s.partial[warp][t][0] = w;
+  }
+  __syncthreads();
+  float acc = 0.0f;
+  if (threadIdx.x < limit)
+    for (int w = 0; w < kWarps; ++w) acc += s.partial[w][threadIdx.x][0];
+  return acc;
+}
+
 // Phase 1: z[t] = x̄_t·φ and sum_sq[t] = Σ x̄_t² for the block's nt tokens.
 template <typename T, int NB, int TM, int SLOTS>
 MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt,
@@ -118,19 +135,8 @@ MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt,
     }
     block_sum<TM, G>(acc, s, s.z, col0, cols);
   }
-  // Σx̄² goes through the same fixed-order reduction.
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-#pragma unroll
-  for (int t = 0; t < TM; ++t) {
-    const float w = warp_sum(sq[t]);
-    if (lane == 0) s.partial[warp][t][0] = w;
-  }
-  __syncthreads();
-  if (threadIdx.x < TM) {
-    float acc = 0.0f;
-    for (int w = 0; w < kWarps; ++w) acc += s.partial[w][threadIdx.x][0];
-    s.sum_sq[threadIdx.x] = acc;
-  }
+  const float sum_sq = token_sums(sq, s, TM);
+  if (threadIdx.x < TM) s.sum_sq[threadIdx.x] = sum_sq;
   __syncthreads();
 }
 
@@ -160,18 +166,8 @@ MHC_DEV void token_norms(const Args& a, int64_t K, int64_t t0, int nt, Shared<NB
       }
     }
   }
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-#pragma unroll
-  for (int t = 0; t < TM; ++t) {
-    const float w = warp_sum(sq[t]);
-    if (lane == 0) s.partial[warp][t][0] = w;
-  }
-  __syncthreads();
-  if (threadIdx.x < nt) {
-    float acc = 0.0f;
-    for (int w = 0; w < kWarps; ++w) acc += s.partial[w][threadIdx.x][0];
-    s.r[threadIdx.x] = token_rms(acc, K, a.eps_rms);
-  }
+  const float sum_sq = token_sums(sq, s, nt);
+  if (threadIdx.x < nt) s.r[threadIdx.x] = token_rms(sum_sq, K, a.eps_rms);
 }
 
 // Phase 2, run by one warp: H_pre, H_post and H_res of one slot from the
@@ -367,18 +363,8 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
         for (int v = 0; v < VEC; ++v) sq[t] += u[v] * u[v];
       }
     }
-    const int lane = threadIdx.x % kWarp;
-#pragma unroll
-    for (int t = 0; t < TM; ++t) {
-      const float w = warp_sum(sq[t]);
-      if (lane == 0) s.partial[warp][t][0] = w;
-    }
-    __syncthreads();
-    if (threadIdx.x < TM) {
-      float acc = 0.0f;
-      for (int w = 0; w < kWarps; ++w) acc += s.partial[w][threadIdx.x][0];
-      s.sum_sq[threadIdx.x] = 1.0f / token_rms(acc, C, a.eps_rms);
-    }
+    const float sum_sq = token_sums(sq, s, TM);
+    if (threadIdx.x < TM) s.sum_sq[threadIdx.x] = 1.0f / token_rms(sum_sq, C, a.eps_rms);
     __syncthreads();
 #pragma unroll
     for (int t = 0; t < TM; ++t) {
