@@ -5,8 +5,9 @@ with a plain residual, with mHC (mhc_gen kernels) or with mHC (the reference).
     python3 examples/train_gpt.py --residual mhc --steps 500           # one GPU
     torchrun --nproc-per-node 2 examples/train_gpt.py --dist ddp       # DDP
     torchrun --nproc-per-node 2 examples/train_gpt.py --dist fsdp2     # FSDP2
+    python3 examples/train_gpt.py --compile reduce-overhead            # torch.compile
 
-Writes one JSON line per logged step (loss, step time, peak memory) to --log.
+Writes one JSON line per logged step (loss, step time, peak memory) to --jsonl.
 mHC wraps both sublayers of every block: x <- H_res·x + H_postᵀ·F(H_pre·x), with
 F = attention(RMSNorm(·)) and MLP(RMSNorm(·)); the streams are opened (copied
 n times) after the embedding and closed (averaged) before the head.
@@ -142,6 +143,12 @@ def parse_args(argv=None):
         help="dtype of the residual stream(s) between blocks (every residual kind)",
     )
     ap.add_argument("--dist", choices=["none", "ddp", "fsdp2"], default="none")
+    ap.add_argument(
+        "--compile",
+        choices=["none", "default", "reduce-overhead"],
+        default="none",
+        help="torch.compile the model (reduce-overhead: CUDA graphs, no per-op host cost)",
+    )
     ap.add_argument("--data-bytes", type=int, default=20_000_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jsonl", type=pathlib.Path, default=None, help="JSON lines, one per step")
@@ -190,6 +197,8 @@ def train(args, rank: int, world: int) -> dict:
             fully_shard(blk)
         fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    if args.compile != "none":
+        model = torch.compile(model, mode=args.compile)
     # Every rank draws the same global batch and takes its own slice: the loss
     # matches a one-process run with batch × world sequences.
     gen = torch.Generator().manual_seed(args.seed + 1)

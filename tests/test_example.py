@@ -32,6 +32,16 @@ def test_mhc_ops_match_reference_in_training():
     assert 0 < plain["final_loss"] < 6
 
 
+def test_compiled_training_matches_eager():
+    """--compile: torch.compile traces the custom ops (fullgraph-able) and trains alike."""
+    eager = _run([sys.executable, str(EXAMPLE), "--residual", "mhc", "--batch", "2", *TINY])
+    compiled = _run(
+        [sys.executable, str(EXAMPLE), "--residual", "mhc", "--batch", "2", "--compile", "default",
+         *TINY]
+    )  # fmt: skip
+    assert compiled["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_match_one(mode):
     one = _run([sys.executable, str(EXAMPLE), "--residual", "mhc", "--batch", "4", *TINY])
