@@ -69,7 +69,7 @@ class _Op:
 
     def __init__(self, name: str, impl):
         self.op = torch.library.custom_op(f"{_LIB}::{name}", mutates_args=())(impl)
-        self.impl = impl
+        self.name, self.impl = name, impl
         self.register_fake = self.op.register_fake
         self._function = None
 
@@ -82,16 +82,19 @@ class _Op:
             setup_context(ctx, inputs, output)
             return output
 
-        self._function = type(f"{self.op._name}_autograd", (torch.autograd.Function,),
+        self._function = type(f"{self.name}_autograd", (torch.autograd.Function,),
                               {"forward": staticmethod(forward),
                                "backward": staticmethod(backward)})  # fmt: skip
 
     def __call__(self, *args):
-        if not _eager(args):
-            return self.op(*args)
-        if self._function is not None and torch.is_grad_enabled() and _any_grad(args):
-            return self._function.apply(*args)
-        return self.impl(*args)
+        if _eager(args):
+            if not (torch.is_grad_enabled() and _any_grad(args)):
+                return self.impl(*args)
+            if self._function is not None:
+                return self._function.apply(*args)
+        # Traced, or a gradient wanted of an op without autograd (a backward op under
+        # create_graph): torch's own handling, exactly as without the shortcut.
+        return self.op(*args)
 
 
 def _any_grad(args) -> bool:

@@ -105,3 +105,18 @@ def test_traced_graph_holds_the_custom_ops(dynamic):
     kind = "dynamic" if dynamic else "static"
     assert {f"mhc_gen.{op}_{kind}.default" for op in ("pre", "post", "layer")} <= set(seen)
     assert torch.equal(out, model(x))
+
+
+def test_ops_without_autograd_take_the_dispatcher_when_a_gradient_is_wanted(monkeypatch):
+    """A backward op under create_graph: torch's handling, not a graph-less shortcut."""
+    op = L.post_dynamic_backward
+    calls = []
+    dispatcher = op.op
+    monkeypatch.setattr(op, "op", lambda *a: calls.append(1) or dispatcher(*a))
+    x, y, h_post, h_res = _inputs()["post_dynamic"]
+    grad = torch.ones_like(x)
+    with torch.no_grad():
+        op(grad, x, y, h_post, h_res)
+    assert calls == []
+    op(grad, x, y, h_post, h_res)
+    assert calls == [1]
