@@ -120,3 +120,15 @@ def test_ops_without_autograd_take_the_dispatcher_when_a_gradient_is_wanted(monk
     assert calls == []
     op(grad, x, y, h_post, h_res)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_inference_mode_matches_no_grad(dynamic):
+    model = torch.nn.Sequential(
+        mhc_gen.MHCConnection(torch.nn.Linear(C, C), C, N, dynamic), mhc_gen.MHCLayer(C, N, dynamic)
+    ).double()
+    x = torch.randn(2, T, N, C, dtype=torch.float64)
+    with torch.inference_mode():
+        inferred = model(x)
+    with torch.no_grad():
+        assert torch.equal(inferred, model(x))
