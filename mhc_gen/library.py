@@ -8,8 +8,8 @@ torch ops, so AOTAutograd traces them and CUDA graphs capture them.
 
 All ops take x as [T, n, C]; mhc_gen.ops validates and flattens.
 
-Eager calls skip the dispatcher (see _Op): its Python custom-op machinery cost
-more host time than the kernels themselves at small sizes.
+Eager calls skip the dispatcher (see _Op): its Python custom-op machinery was
+about a third of the ops' host time (benchmarks/host_overhead.py --mock).
 """
 
 from __future__ import annotations
