@@ -132,3 +132,16 @@ def test_inference_mode_matches_no_grad(dynamic):
         inferred = model(x)
     with torch.no_grad():
         assert torch.equal(inferred, model(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+def test_jit_trace_records_the_custom_ops():
+    """Deprecated, but legacy ONNX export still traces: it must record the ops."""
+    model = mhc_gen.MHCConnection(torch.nn.Linear(C, C), C, N, True).double()
+    x = torch.randn(2, T, N, C, dtype=torch.float64)
+    with pytest.warns(torch.jit.TracerWarning):  # ops.py's shape checks are Python branches
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+    kinds = {node.kind() for node in traced.graph.nodes()}
+    assert {"mhc_gen::pre_dynamic", "mhc_gen::post_dynamic"} <= kinds
+    assert "prim::PythonOp" not in kinds
+    assert torch.equal(traced(x), model(x))
