@@ -49,13 +49,14 @@ def _kw(iters, eps_sk, post_mult):
 
 def _eager(args) -> bool:
     """Whether a call may skip the dispatcher: not traced by torch.compile or
-    torch.jit.trace, no dispatch mode (FakeTensor, export, FLOP counters), no
-    torch.func transform and plain tensors (no subclass such as DTensor): all of
-    these must see the op."""
+    torch.jit.trace, no dispatch or torch-function mode (FakeTensor, export, FLOP
+    counters, `with torch.device(...)`), no torch.func transform and plain tensors
+    (no subclass such as DTensor): all of these must see the op."""
     return (
         not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._is_torch_function_mode_enabled()
         and not torch._C._are_functorch_transforms_active()
         and all(type(a) is Tensor for a in args if isinstance(a, Tensor))
     )

@@ -5,6 +5,7 @@ the values and gradients of the dispatcher path, which tracing still takes."""
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mhc_gen
@@ -86,6 +87,23 @@ def test_dispatch_modes_see_the_op(name):
     with torch.no_grad(), _Recorder() as mode:
         getattr(L, name)(*_inputs()[name])
     assert f"mhc_gen.{name}" in mode.seen
+
+
+class _FunctionRecorder(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_torch_function_modes_see_the_op(name):
+    with torch.no_grad(), _FunctionRecorder() as mode:
+        getattr(L, name)(*_inputs()[name])
+    assert f"mhc_gen.{name}.default" in mode.seen
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
