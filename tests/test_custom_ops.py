@@ -163,3 +163,21 @@ def test_jit_trace_records_the_custom_ops():
     assert {"mhc_gen::pre_dynamic", "mhc_gen::post_dynamic"} <= kinds
     assert "prim::PythonOp" not in kinds
     assert torch.equal(traced(x), model(x))
+
+
+def test_compile_with_dynamic_shapes_builds_one_graph():
+    model = torch.nn.Sequential(
+        mhc_gen.MHCConnection(torch.nn.Linear(C, C), C, N, True), mhc_gen.MHCLayer(C, N, True)
+    ).double()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend=backend)
+    for tokens in (3, 5, 9):
+        x = torch.randn(2, tokens, N, C, dtype=torch.float64)
+        assert torch.equal(compiled(x), model(x))
+    assert len(graphs) == 1
