@@ -177,7 +177,7 @@ def test_compile_with_dynamic_shapes_builds_one_graph():
 
     torch._dynamo.reset()
     compiled = torch.compile(model, dynamic=True, fullgraph=True, backend=backend)
-    for tokens in (3, 5, 9):
+    for tokens in (4, 6, 10):  # none equal to N or C: torch unifies equal sizes
         x = torch.randn(2, tokens, N, C, dtype=torch.float64)
         assert torch.equal(compiled(x), model(x))
     assert len(graphs) == 1
