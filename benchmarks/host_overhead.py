@@ -90,8 +90,16 @@ def cases(args, device):
         return run
 
     layer = lambda: mhc_gen.layer_dynamic(x, w, phi, alpha, b)  # noqa: E731
-    static = lambda: mhc_gen.post_static(x, x[:, 0], b)  # noqa: E731
+    y = x[:, 0].detach().contiguous()
+    static = lambda: mhc_gen.post_static(x, y, b)  # noqa: E731
+
+    def reference():
+        h_pre, h_post, h_res = R.dynamic_coefficients(x, phi, alpha, b)
+        return R.post(x, sub(R.pre(x, h_pre)), h_post, h_res)
+
     return {
+        "one torch op (x + 1, no grad)": no_grad(lambda: x + 1),
+        "reference connection fwd+bwd": backward(reference),
         "connection fwd (no grad)": no_grad(connection),
         "connection fwd+bwd": backward(connection),
         "layer_dynamic fwd (no grad)": no_grad(layer),
@@ -118,16 +126,17 @@ def main() -> None:
             sys.exit("no GPU: run with --mock to time the GPU path's Python on CPU")
         device, sync = torch.device("cuda"), torch.cuda.synchronize
         where = torch.cuda.get_device_name()
-    rows = []
-    for name, fn in cases(args, device).items():
-        rows.append(f"  {name:30s} {_best_us(fn, sync, args.calls):8.1f}")
-        if args.profile:
-            print(f"--- {name}")
-            prof = cProfile.Profile()
-            prof.runcall(lambda fn=fn: [fn() for _ in range(args.calls)])
-            pstats.Stats(prof).sort_stats("tottime").print_stats(12)
     print(f"host µs per call, T={args.T} n={args.n} C={args.C} {args.dtype}, {where}")
-    print("\n".join(rows))
+    for name, fn in cases(args, device).items():
+        print(f"  {name:30s} {_best_us(fn, sync, args.calls):8.1f}", flush=True)
+    if args.profile:
+        # The backward on this thread (not autograd's device thread), so that cProfile sees it.
+        with torch.autograd.set_multithreading_enabled(False):
+            for name, fn in cases(args, device).items():
+                print(f"--- {name}")
+                prof = cProfile.Profile()
+                prof.runcall(lambda fn=fn: [fn() for _ in range(args.calls)])
+                pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,14 @@ def launch(
     for name, t in tensors.items():
         if t is not None:
             ptrs[_SLOT[name]] = t.data_ptr()
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        fn(index, ptrs, tokens, hidden, n, int(sinkhorn_iters), int(splits), float(eps_rms),
-           float(eps_sk), float(post_mult), stream)  # fmt: skip
+    args = (index, ptrs, tokens, hidden, n, int(sinkhorn_iters), int(splits), float(eps_rms),
+            float(eps_sk), float(post_mult))  # fmt: skip
+    # The raw-stream and device queries are single C calls: the launch path of a small op is
+    # host-bound, and torch.cuda.device / current_stream cost several times more.
+    dev = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch._C._cuda_getCurrentRawStream(dev)
+    if torch._C._cuda_getDevice() == dev:
+        fn(*args, stream)
+    else:
+        with torch.cuda.device(dev):
+            fn(*args, stream)

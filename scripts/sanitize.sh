@@ -7,14 +7,20 @@ OUT=${OUT:-/tmp/mhc_gen_out}
 mkdir -p "$OUT/sanitizer"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export MHC_GEN_DISABLE_JIT=1  # run the prebuilt kernels only; a JIT build would dominate the run
-# memcheck, initcheck and synccheck instrument only mhc_gen's kernels (namespace mhc):
-# cuBLAS's (the projection and ∂φ GEMMs) and torch's are not ours, and instrumenting them
-# made the run several times slower. racecheck runs unfiltered (with the filter it stopped on
-# an internal sanitizer error in the first backward, H200, CUDA 13.0) and counts only the
-# hazards reported in mhc kernels (cuBLAS's nvjet kernels report some of their own).
+# memcheck and synccheck instrument only mhc_gen's kernels (namespace mhc): cuBLAS's (the
+# projection and ∂φ GEMMs) and torch's are not ours, and instrumenting them made the run several
+# times slower. racecheck and initcheck run unfiltered and count what they report in mhc
+# kernels: racecheck's filtered run stopped on an internal sanitizer error (H200, CUDA 13.0),
+# and a filtered initcheck takes memory written by uninstrumented kernels for uninitialised
+# (743k false reports on D2D copies of it). Unfiltered, initcheck reports reads by torch's
+# kernels of cuBLAS's Hopper GEMM outputs, which are written by TMA stores (not tracked);
+# those are listed by kernel, not counted.
 for tool in memcheck racecheck initcheck synccheck; do
-  filter=(--print-limit 50 --kernel-name kns=mhc)
-  [ "$tool" = racecheck ] && filter=(--print-limit 10000)
+  case $tool in
+  racecheck) filter=(--print-limit 10000) ;;
+  initcheck) filter=(--print-limit 100000 --show-backtrace no) ;;
+  *) filter=(--print-limit 50 --kernel-name kns=mhc) ;;
+  esac
   compute-sanitizer --tool "$tool" "${filter[@]}" \
     python3 scripts/sanitize_workload.py >"$OUT/sanitizer/$tool.log" 2>&1 &
 done
@@ -22,14 +28,24 @@ wait
 status=0
 for tool in memcheck racecheck initcheck synccheck; do
   log="$OUT/sanitizer/$tool.log"
-  summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
+  summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | head -1)
   echo "$tool: ${summary:-no summary (see $log)}"
-  if [ "$tool" = racecheck ]; then
+  grep -q "ok torch.float32 n=32" "$log" || { echo "$tool: the workload did not finish"; status=1; }
+  case $tool in
+  racecheck)
     ours=$(grep -E "Race reported" "$log" | grep -c mhc)
     echo "racecheck: $ours hazard reports in mhc kernels"
-    [ -n "$summary" ] && [ "$ours" = 0 ] || status=1
-  else
-    echo "$summary" | grep -qE ": 0 errors" || status=1
-  fi
+    [ "$ours" = 0 ] || status=1
+    ;;
+  initcheck)
+    ours=$(grep -E "^=========     at " "$log" | grep -c "mhc::")
+    host=$(grep -c "Host API memory access error" "$log")
+    echo "initcheck: $ours reports in mhc kernels, $host on host API calls; others by kernel:"
+    grep -E "^=========     at " "$log" | grep -v "mhc::" | sed -E 's/^=========     at (void )?//; s/[<(].*//' |
+      sort | uniq -c | sort -rn | head -5
+    [ "$ours" = 0 ] && [ "$host" = 0 ] || status=1
+    ;;
+  *) echo "$summary" | grep -qE ": 0 errors" || status=1 ;;
+  esac
 done
 exit $status
