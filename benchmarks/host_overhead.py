@@ -104,6 +104,7 @@ def cases(args, device):
         "connection fwd+bwd": backward(connection),
         "layer_dynamic fwd (no grad)": no_grad(layer),
         "layer_dynamic fwd+bwd": backward(layer),
+        "layer_static fwd+bwd": backward(lambda: mhc_gen.layer_static(x, w, b)),
         "post_static fwd (no grad)": no_grad(static),
     }
 

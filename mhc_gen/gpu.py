@@ -203,8 +203,8 @@ def static_coefficients_backward(grad_h_pre, grad_h_post, grad_h_res, b, n, iter
     return db
 
 
-def post_static_backward(grad, x, y, b, iters, eps_sk, post_mult, y_f32=None):
-    """(∂x, ∂y, ∂b) of post with the static H of logits b; y_f32, an fp32 y, replaces y."""
+def _post_static_grads(grad, x, y, b, iters, eps_sk, post_mult, y_f32):
+    """(∂x, ∂y, Σ_t ∂H_post, Σ_t ∂H_res) of post with the static H of logits b."""
     t, n, c = _dims(x)
     dx, dy, dh_post, dh_res = _post_grad_buffers(x)
     if t:
@@ -212,13 +212,19 @@ def post_static_backward(grad, x, y, b, iters, eps_sk, post_mult, y_f32=None):
                sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x,
                y=y if y_f32 is None else None, y_f32=y_f32, bias=b, grad_out=grad, grad_x=dx,
                grad_y=dy, grad_h_post=dh_post, grad_h_res=dh_res)  # fmt: skip
-    db = static_coefficients_backward(None, dh_post.sum(0), dh_res.sum(0), b, n, iters, eps_sk,
-                                      post_mult)  # fmt: skip
+    return dx, dy, dh_post.sum(0), dh_res.sum(0)
+
+
+def post_static_backward(grad, x, y, b, iters, eps_sk, post_mult, y_f32=None):
+    """(∂x, ∂y, ∂b) of post with the static H of logits b; y_f32, an fp32 y, replaces y."""
+    dx, dy, dh_post, dh_res = _post_static_grads(grad, x, y, b, iters, eps_sk, post_mult, y_f32)
+    n = x.shape[1]
+    db = static_coefficients_backward(None, dh_post, dh_res, b, n, iters, eps_sk, post_mult)
     return dx, dy, db
 
 
-def pre_static_backward(grad_u, x, b, iters, eps_sk, post_mult, grad_x_in=None):
-    """(∂x, ∂b) of u = H_pre·x with the static H of logits b; grad_x_in is added to ∂x."""
+def _pre_static_grads(grad_u, x, b, iters, eps_sk, post_mult, grad_x_in):
+    """(∂x, Σ_t ∂H_pre) of u = H_pre·x with the static H of logits b."""
     t, n, c = _dims(x)
     dx = empty(x.shape, x.dtype, x.device)
     dh_pre = empty((t, n), torch.float32, x.device)
@@ -227,7 +233,14 @@ def pre_static_backward(grad_u, x, b, iters, eps_sk, post_mult, grad_x_in=None):
                sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, bias=b,
                grad_out=grad_u, grad_x_in=grad_x_in, grad_x=dx,
                grad_h_pre=dh_pre)  # fmt: skip
-    db = static_coefficients_backward(dh_pre.sum(0), None, None, b, n, iters, eps_sk, post_mult)
+    return dx, dh_pre.sum(0)
+
+
+def pre_static_backward(grad_u, x, b, iters, eps_sk, post_mult, grad_x_in=None):
+    """(∂x, ∂b) of u = H_pre·x with the static H of logits b; grad_x_in is added to ∂x."""
+    dx, dh_pre = _pre_static_grads(grad_u, x, b, iters, eps_sk, post_mult, grad_x_in)
+    n = x.shape[1]
+    db = static_coefficients_backward(dh_pre, None, None, b, n, iters, eps_sk, post_mult)
     return dx, db
 
 
@@ -391,8 +404,12 @@ def layer_static_backward(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult)
     """(∂x, ∂w, ∂b) of the seed's layer with static H, as layer_dynamic_backward."""
     u32 = pre_static(x, b, iters, eps_sk, post_mult, u_fp32=True)
     s, y32 = _rms_norm(u32, weight, eps_rms)
-    dx_post, dy, db_post = post_static_backward(grad, x, None, b, iters, eps_sk, post_mult, y32)
+    dx_post, dy, dh_post, dh_res = _post_static_grads(grad, x, None, b, iters, eps_sk, post_mult,
+                                                      y32)  # fmt: skip
     du, dweight = _rms_norm_backward(dy, u32, s, weight)
     xp, du, dx_post = _pre_backward_inputs(x, du, dx_post)
-    dx, db_pre = pre_static_backward(du, xp, b, iters, eps_sk, post_mult, grad_x_in=dx_post)
-    return dx.to(x.dtype), dweight, db_post + db_pre
+    dx, dh_pre = _pre_static_grads(du, xp, b, iters, eps_sk, post_mult, dx_post)
+    # One coefficient backward for both uses of the static H (pre's and post's ∂H together).
+    db = static_coefficients_backward(dh_pre, dh_post, dh_res, b, x.shape[1], iters, eps_sk,
+                                      post_mult)  # fmt: skip
+    return dx.to(x.dtype), dweight, db
