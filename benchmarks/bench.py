@@ -293,6 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results"))
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="seed configs only, forward only")
+    ap.add_argument("--ops", action="store_true", help="the single-op table only (every n)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -313,7 +314,7 @@ def main(argv=None) -> int:
         for t, n in ((8192, 8), (4096, 16), (2048, 32)):  # n = 8, 16, 32: no cliff
             op_rows += bench_ops(t, 4096, n, torch.bfloat16, args.reps, copy_tbs)
     save()
-    configs = SEED_CONFIGS + ([] if args.quick else LARGE_CONFIGS)
+    configs = [] if args.ops else SEED_CONFIGS + ([] if args.quick else LARGE_CONFIGS)
     for t, c, n in configs:
         for dynamic in (False, True):
             for backward in (False,) if args.quick else (False, True):

@@ -33,7 +33,7 @@ MHC_CX int num_logits(int n) { return n * n + 2 * n; }
 template <typename T, int NB>
 MHC_CX int vec_width() {
   const int bytes_vec = 16 / int(sizeof(T));
-  const int reg_vec = NB <= 4 ? 8 : 32 / NB;
+  const int reg_vec = NB <= 4 ? 8 : NB <= 16 ? 32 / NB : 2;
   const int want = bytes_vec < reg_vec ? bytes_vec : reg_vec;
   int v = 1;
   while (v * 2 <= want) v *= 2;
@@ -46,11 +46,20 @@ MHC_CX int logit_group() {
   return num_logits(NB) < 24 ? num_logits(NB) : 24;
 }
 
+// Leading dimension of H_res in shared memory: +1 so that a lane per row (Sinkhorn) reads
+// without bank conflicts; for n ≥ 16, a multiple of 4, so that phase 3 reads a row four
+// entries (one 16-byte load) at a time: with one load per multiply-add, n² shared loads a
+// column made post at n = 32 bound by shared-load issue, not by memory.
+template <int NB>
+MHC_CX int res_ld() {
+  return NB >= 16 && NB % 4 == 0 ? NB + 4 : NB + 1;
+}
+
 template <int NB, int TM, int SLOTS>
 struct Shared {
   float h_pre[SLOTS][NB];
   float h_post[SLOTS][NB];
-  float h_res[SLOTS][NB][NB + 1];  // +1: a lane per row reads without bank conflicts
+  alignas(16) float h_res[SLOTS][NB][res_ld<NB>()];
   float z[TM][num_logits(NB)];
   float sum_sq[TM];
   float r[TM];
@@ -176,7 +185,7 @@ template <int NB, int TM, int SLOTS>
 MHC_DEV void coefficients(const Args& a, int n, int slot, const float* z, float r,
                           Shared<NB, TM, SLOTS>& s) {
   const int lane = threadIdx.x % kWarp;
-  constexpr int ld = NB + 1;
+  constexpr int ld = res_ld<NB>();
   float* M = &s.h_res[slot][0][0];
   float row_max = -__builtin_inff();
   if (lane < n)
@@ -230,11 +239,17 @@ MHC_DEV void pre_vector(const T* xt, U* ut, int64_t C, int n, const float* h_pre
 // x_next[i] = Σ_j H_res[i][j]·x[j] + H_post[i]·y for one vector of columns.
 template <typename T, int NB, int VEC>
 MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, int n,
-                         const float* h_post, const float (*h_res)[NB + 1], int64_t c) {
+                         const float* h_post, const float (*h_res)[res_ld<NB>()], int64_t c) {
+  constexpr bool kQuads = res_ld<NB>() % 4 == 0;  // rows read as float4 (n ≥ 16)
   float xs[NB][VEC];
 #pragma unroll
-  for (int j = 0; j < NB; ++j)
-    if (j < n) load_pack<T, VEC>(xt + j * C + c, xs[j]);
+  for (int j = 0; j < NB; ++j) {
+    if (j < n)
+      load_pack<T, VEC>(xt + j * C + c, xs[j]);
+    else if (kQuads)  // a quad may reach past n: its x must add nothing
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) xs[j][v] = 0.0f;
+  }
   // Rows are not unrolled past n = 8: the code would grow n²-fold.
   constexpr int kRowUnroll = NB <= 8 ? NB : 1;
 #pragma unroll kRowUnroll
@@ -243,12 +258,27 @@ MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, i
       float o[VEC];
 #pragma unroll
       for (int v = 0; v < VEC; ++v) o[v] = h_post[i] * y[v];
+      if constexpr (kQuads) {
+        // The same order of additions as the scalar loop (j ascending).
 #pragma unroll
-      for (int j = 0; j < NB; ++j)
-        if (j < n) {
+        for (int j = 0; j < NB; j += 4)
+          if (j < n) {
+            const float4 h = *reinterpret_cast<const float4*>(&h_res[i][j]);
+            const float hq[4] = {h.x, j + 1 < n ? h.y : 0.0f, j + 2 < n ? h.z : 0.0f,
+                                 j + 3 < n ? h.w : 0.0f};
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) o[v] += h_res[i][j] * xs[j][v];
-        }
+            for (int q = 0; q < 4; ++q)
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) o[v] += hq[q] * xs[j + q][v];
+          }
+      } else {
+#pragma unroll
+        for (int j = 0; j < NB; ++j)
+          if (j < n) {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) o[v] += h_res[i][j] * xs[j][v];
+          }
+      }
       store_pack<T, VEC>(ot + i * C + c, o);
     }
   }
