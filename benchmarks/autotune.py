@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Autotune: time every built variant that differs only in launch knobs and record
-the fastest per tuning key in tuning/<gpu>.json, stamped with the GPU and versions.
+the fastest per tuning key and token bucket in tuning/<gpu>.json, stamped with the
+GPU and versions.
 
     python3 build.py --arch sm_90 --profile full      # the full profile has alternative tiles
     python3 benchmarks/autotune.py                    # writes tuning/<gpu>.json
@@ -70,7 +71,13 @@ def op_call(spec, tokens: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=[512, 2048, 8192, 32768],
+        help="token counts to time at: one per token bucket (the best tile depends on it)",
+    )
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
@@ -78,14 +85,18 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     timings: dict[str, dict[str, float]] = {}
     for key, names in candidates(mhc_gen.kernels(), arch).items():
-        call = op_call(parse(names[0]), args.tokens)
-        if call is None:
-            continue
-        timings[key] = {}
-        for name in names:
-            with mhc_gen.forced_variant(name):
-                timings[key][name] = time_cold(call, args.reps)
-        print(key, {k: f"{v:.4f} ms" for k, v in timings[key].items()}, flush=True)
+        for tokens in args.tokens:
+            call = op_call(parse(names[0]), tokens)
+            if call is None:
+                break
+            at = tuning.bucket_key(key, tuning.token_bucket(tokens))
+            timings[at] = {}
+            for name in names:
+                with mhc_gen.forced_variant(name):
+                    timings[at][name] = time_cold(call, args.reps)
+            print(at, {k: f"{v:.4f} ms" for k, v in timings[at].items()}, flush=True)
+            del call
+            torch.cuda.empty_cache()
     best = pick_winners(timings)
     slug = re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
     out = args.out or tuning.tuning_dir() / f"{slug}.json"

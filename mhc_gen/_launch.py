@@ -102,7 +102,15 @@ def device_name(device_index: int) -> str:
 
 @functools.cache
 def _selected(
-    op: Op, n: int, hidden: int, dtype: DType, backend: str, arch: Arch, policy: str, gpu: str
+    op: Op,
+    n: int,
+    hidden: int,
+    dtype: DType,
+    backend: str,
+    arch: Arch,
+    policy: str,
+    gpu: str,
+    bucket: int | None = None,
 ):
     """(launch function, table index): prebuilt first (tuned where a table for this
     GPU says so), else compiled on demand (mhc_gen.jit)."""
@@ -110,7 +118,7 @@ def _selected(
     table = _loader.table(backend)
     tuned = tuning.winners(gpu, torch.__version__, torch.version.cuda)
     try:
-        spec = select(op, n, hidden, dtype, arch, table, tuned)
+        spec = select(op, n, hidden, dtype, arch, table, tuned, bucket)
         if spec.n is None and policy == "specialize":
             raise NoKernelError(f"{spec.name} serves n = {n} at run time")
         return mod.launch, table[spec.name]
@@ -136,12 +144,14 @@ def has_variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int) ->
     return True
 
 
-def _variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int):
+def _variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int, tokens: int):
     backend, arch = target_arch(device_index)
     for name in _FORCED.get():
         if parse(name).op is op:  # a prebuilt variant, named by a test
             return _loader.module(backend).launch, _loader.table(backend)[name]
-    return _selected(op, n, hidden, dtype, backend, arch, jit.policy(), device_name(device_index))
+    gpu = device_name(device_index)
+    bucket = tuning.token_bucket(tokens)
+    return _selected(op, n, hidden, dtype, backend, arch, jit.policy(), gpu, bucket)
 
 
 def launch(
@@ -161,7 +171,7 @@ def launch(
 ) -> None:
     """Launches the variant for (op, n, hidden, dtype) on device's current stream.
     ``tensors`` maps mhc::Ptr names (snake_case) to tensors or None."""
-    fn, index = _variant(op, n, hidden, dtype, device.index)
+    fn, index = _variant(op, n, hidden, dtype, device.index, tokens)
     ptrs = [0] * len(POINTERS)
     for name, t in tensors.items():
         if t is not None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from generator.profiles import default_tile
 from generator.spec import MAX_N, Arch, DType, KernelSpec, Op, parse
 
-from .tuning import tuning_key
+from .tuning import bucket_key, tuning_key
 
 
 class NoKernelError(LookupError):
@@ -47,13 +47,15 @@ def select(
     arch: Arch,
     available: Iterable[str],
     tuned: Mapping[str, str] | None = None,
+    bucket: int | None = None,
 ) -> KernelSpec:
     """The best compiled variant for the request.
 
     Shape first: exact (n, hidden), else compile-time n with run-time hidden, else
     run-time n and hidden. Among variants of that shape that differ only in launch
-    knobs: the tuning table's winner (mhc_gen.tuning), else the default tile, else
-    the smallest name."""
+    knobs: the tuning table's winner for the call's token bucket, else its winner
+    for any token count (mhc_gen.tuning), else the default tile, else the smallest
+    name."""
     if not 1 <= n <= MAX_N:
         raise NoKernelError(f"n = {n} is not supported: mhc_gen supports 1 <= n <= {MAX_N}")
     if hidden < 1:
@@ -65,7 +67,7 @@ def select(
             by_shape.setdefault((s.n, s.hidden), []).append(s)
     for key in ((n, hidden), (n, None), (None, None)):
         if key in by_shape:
-            return _best_knobs(by_shape[key], tuned or {})
+            return _best_knobs(by_shape[key], tuned or {}, bucket)
     have = sorted(s.name for group in by_shape.values() for s in group) or ["none"]
     raise NoKernelError(
         f"no {op.value} kernel for n={n}, hidden={hidden}, {dtype.value}, {arch.value}; "
@@ -74,10 +76,11 @@ def select(
     )
 
 
-def _best_knobs(group: list[KernelSpec], tuned: Mapping[str, str]) -> KernelSpec:
+def _best_knobs(group: list[KernelSpec], tuned: Mapping[str, str], bucket: int | None):
     names = {s.name: s for s in group}
-    winner = tuned.get(tuning_key(group[0]))
-    if winner in names:
-        return names[winner]
+    key = tuning_key(group[0])
+    for k in ([bucket_key(key, bucket)] if bucket else []) + [key]:
+        if tuned.get(k) in names:
+            return names[tuned[k]]
     default = [s for s in group if s.tile == default_tile(s.op, s.n)]
     return default[0] if default else min(group, key=lambda s: s.name)

@@ -6,9 +6,12 @@ A table is a JSON file in tuning/ (or $MHC_GEN_TUNING_DIR):
                "mhc_gen": "0.1.0"},
      "winners": {"post_dyn_n4_h4096_bf16_sm90": "post_dyn_n4_h4096_bf16_tm2_sm90", ...}}
 
-The key is a variant name without its tile (`tuning_key`); the winner is a full
-variant name. A table whose stamp differs from the running GPU and versions in
-any field is ignored: selection then falls back to its heuristic.
+The key is a variant name without its tile (`tuning_key`), optionally with a token
+bucket (`post_dyn_n4_h4096_bf16_sm90@t16384`: the best tile depends on how many
+tokens a call has); the winner is a full variant name. Selection prefers the key of
+the call's bucket, then the bucketless key. A table whose stamp differs from the
+running GPU and versions in any field is ignored: selection then falls back to its
+heuristic.
 """
 
 from __future__ import annotations
@@ -30,6 +33,22 @@ def tuning_key(spec: KernelSpec) -> str:
     n = "any" if spec.n is None else str(spec.n)
     h = "any" if spec.hidden is None else str(spec.hidden)
     return f"{spec.op.value}_n{n}_h{h}_{spec.dtype.value}_{spec.arch.token}"
+
+
+# Token buckets: the smallest power of 4 at or above the call's token count, clamped.
+TOKEN_BUCKETS = (1024, 4096, 16384, 65536)
+
+
+def token_bucket(tokens: int) -> int:
+    """The tuning bucket of a call with this many tokens."""
+    for bucket in TOKEN_BUCKETS:
+        if tokens <= bucket:
+            return bucket
+    return TOKEN_BUCKETS[-1]
+
+
+def bucket_key(key: str, bucket: int) -> str:
+    return f"{key}@t{bucket}"
 
 
 def tuning_dir() -> pathlib.Path:

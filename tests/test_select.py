@@ -72,6 +72,24 @@ def test_tuned_winner_among_tiles_else_default_tile():
     assert select(Op.POST_DYN, 4, 4096, DType.BF16, Arch.SM90, names, tuned).tile == 4
 
 
+def test_token_bucket_winner_first_then_any_token_count():
+    from mhc_gen.tuning import TOKEN_BUCKETS, token_bucket
+
+    assert [token_bucket(t) for t in (0, 1, 1024, 1025, 16384, 20000, 10**7)] == [
+        1024, 1024, 1024, 4096, 16384, 65536, 65536,
+    ]  # fmt: skip
+    assert token_bucket(TOKEN_BUCKETS[-1] + 1) == TOKEN_BUCKETS[-1]
+    names = [f"post_dyn_n4_h4096_bf16_tm{t}_sm90" for t in (1, 2, 4)]
+    key = "post_dyn_n4_h4096_bf16_sm90"
+    tuned = {f"{key}@t16384": names[0], key: names[1]}
+    pick = lambda bucket: select(Op.POST_DYN, 4, 4096, DType.BF16, Arch.SM90, names, tuned, bucket)  # noqa: E731
+    assert pick(16384).tile == 1  # this bucket's winner
+    assert pick(1024).tile == 2  # no winner for this bucket: the bucketless one
+    assert pick(None).tile == 2
+    only_bucket = {f"{key}@t16384": names[0]}
+    assert select(Op.POST_DYN, 4, 4096, DType.BF16, Arch.SM90, names, only_bucket, 4096).tile == 4
+
+
 def test_tuning_tables_are_ignored_on_stamp_mismatch(tmp_path, monkeypatch):
     from mhc_gen import tuning
 
