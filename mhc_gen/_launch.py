@@ -154,6 +154,15 @@ def _variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int, token
     return _selected(op, n, hidden, dtype, backend, arch, jit.policy(), gpu, bucket)
 
 
+def _raw_stream(device_index: int) -> int:
+    """The current stream's handle on a device (a torch without the C shortcut: the
+    Python API)."""
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get is None:
+        return torch.cuda.current_stream(device_index).cuda_stream
+    return get(device_index)
+
+
 def launch(
     op: Op,
     device: torch.device,
@@ -181,8 +190,8 @@ def launch(
     # The raw-stream and device queries are single C calls: the launch path of a small op is
     # host-bound, and torch.cuda.device / current_stream cost several times more.
     dev = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch._C._cuda_getCurrentRawStream(dev)
-    if torch._C._cuda_getDevice() == dev:
+    stream = _raw_stream(dev)
+    if torch.cuda.current_device() == dev:
         fn(*args, stream)
     else:
         with torch.cuda.device(dev):
