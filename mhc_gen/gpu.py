@@ -258,11 +258,17 @@ def _split_bf16(v):
     return hi, (v.float() - hi).to(torch.bfloat16)  # promotes hi to fp32 in the kernel
 
 
+def _gemm_phi_grad(x) -> bool:
+    """Whether ∂φ runs as cuBLAS GEMMs (CUDA: torch.mm with out_dtype) rather than the
+    fixed-order kernel (ROCm, and the tests of that kernel)."""
+    return x.is_cuda and torch.version.hip is None
+
+
 def _phi_grad(x, dz, splits_for):
     """∂φ = x̄ᵀ·∂z [n·C, m], fp32, in a fixed order (no atomics)."""
     t, n, c = _dims(x)
     k, m = n * c, dz.shape[1]
-    if x.is_cuda and torch.version.hip is None and t:
+    if t and _gemm_phi_grad(x):
         # bf16 tensor-core GEMMs (cuBLAS, fp32 accumulate and output) on operands split
         # into bf16 hi + lo: x̄ᵀ·∂z ≈ x_hiᵀ·(∂z_hi + ∂z_lo) + x_loᵀ·∂z_hi. bf16 and fp16 x are
         # exact in hi (+ lo); ∂z and fp32 x keep ~16 bits (relative error ~1e-5, inside the

@@ -165,9 +165,12 @@ def test_backward_variant(name, data):
     # ∂x of the dynamic pre: inside the kernel, or (the default for n ≥ 16 on CUDA) with
     # ∂z·φᵀ as a GEMM after the kernel's phases 1-2.
     gemm = data.draw(st.booleans(), label="dz_phi_gemm")
+    # ∂φ: cuBLAS GEMMs on CUDA by default; the variant under test is the ROCm path's kernel.
+    phi_kernel = spec.op is Op.PHI_GRAD_DYN
     with (
         mhc_gen.forced_variant(name),
         mock.patch.object(gpu, "_gemm_dz_phi", lambda x, n: gemm),
+        mock.patch.object(gpu, "_gemm_phi_grad", lambda x: not phi_kernel and x.is_cuda),
     ):
         _check(fn, ref, names, v, dtype, seed + 1, name)
 
