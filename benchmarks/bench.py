@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """mhc_gen benchmark: the seed's layer (F = RMSNorm·w) and the single ops, against
-the eager reference and torch.compile of the reference, in one run on one GPU.
+the eager reference, torch.compile of the reference and (dynamic H, where it is
+installed) Liger-Kernel's mHC, in one run on one GPU.
 
     python3 benchmarks/bench.py --out results/        # JSON, markdown, PNG plots
 
@@ -127,6 +128,33 @@ def layer_fns(dynamic):
     return ours, ref
 
 
+def _liger():
+    """Liger-Kernel's mHC functions (Triton), or None where it is not installed."""
+    try:
+        from liger_kernel.transformers import functional
+    except ImportError:
+        return None
+    return functional if hasattr(functional, "liger_mhc_coeffs") else None
+
+
+def liger_layer(liger):
+    """The seed's dynamic layer through Liger-Kernel: its coefficients (φ in bf16, as it
+    recommends for tensor cores), its pre and post kernels, torch's RMSNorm between them.
+    Liger has no static-H mode."""
+
+    def layer(x, p):
+        a = p["alpha"]
+        h_pre, h_post, h_res = liger.liger_mhc_coeffs(
+            x, p["phi"].to(torch.bfloat16), p["b"], a[0], a[1], a[2],
+            tmax=R.SINKHORN_ITERS, rms_eps=R.EPS_RMS, sinkhorn_eps=R.EPS_SK,
+            post_mult=R.POST_MULT,
+        )  # fmt: skip
+        y = R.rms_norm(liger.liger_mhc_pre(x, h_pre), p["weight"])
+        return liger.liger_mhc_post_res(x, y.to(x.dtype), h_post, h_res)
+
+    return layer
+
+
 _COMPILED = {}
 
 
@@ -160,7 +188,11 @@ def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs):
         H="dynamic" if dynamic else "static",
         pass_="fwd+bwd" if backward else "fwd",
     )
-    for name, fn in (("mhc_gen", ours), ("eager", ref), ("compile", compiled)):
+    baselines = [("mhc_gen", ours), ("eager", ref), ("compile", compiled)]
+    liger = _liger()
+    if liger is not None and dynamic:
+        baselines.append(("liger", liger_layer(liger)))
+    for name, fn in baselines:
         try:
             row[f"{name}_ms"] = ms = time_cold(run(fn), reps)
             # About 5 ms of work per captured graph: slow baselines replay fewer calls.
@@ -168,6 +200,12 @@ def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs):
         except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
             row[f"{name}_ms"] = None
             row[f"{name}_error"] = repr(e)[:200]
+    if liger is not None and dynamic:
+        # A baseline is only a baseline if it computes the same layer: its distance to ours.
+        with torch.no_grad():
+            want = ours(x, p).float()
+            got = liger_layer(liger)(x, p).float()
+        row["liger_rel_err"] = float((got - want).norm() / want.norm())
     b = x.element_size()
     floor_bytes = t * (2 * n * c * b) * (3 if backward else 1)  # fwd: read x, write x_next
     row["floor_bytes"] = floor_bytes
@@ -175,7 +213,7 @@ def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs):
         tbs = floor_bytes / (row["mhc_gen_ms"] * 1e-3) / 1e12
         row["mhc_gen_TBps"] = tbs
         row["pct_copy"] = 100 * tbs / copy_tbs
-        for base in ("eager", "compile"):
+        for base in ("eager", "compile", "liger"):
             if row.get(f"{base}_ms"):
                 row[f"speedup_vs_{base}"] = row[f"{base}_ms"] / row["mhc_gen_ms"]
     return row
@@ -227,24 +265,31 @@ def markdown(meta, layer_rows, op_rows) -> str:
         f"GPU: {meta['gpu']}; torch {meta['torch']}; copy bandwidth {meta['copy_TBps']:.2f} TB/s",
         "",
     ]
+    liger = any("liger_ms" in r or "liger_error" in r for r in layer_rows)
     out += [
         "| T | C | n | H | pass | mhc_gen ms | graph ms | eager ms | compile ms "
-        "| × eager | × compile | % copy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        + ("| Liger ms | × Liger " if liger else "")
+        + "| × eager | × compile | % copy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if liger else "") + "---|",
     ]
 
     def f(v, fmt="{:.3f}"):
         return "—" if v is None else fmt.format(v)
 
     for r in layer_rows:
+        lig = f"| {f(r.get('liger_ms'))} | {f(r.get('speedup_vs_liger'), '{:.1f}×')} "
         out.append(
             f"| {r['T']} | {r['C']} | {r['n']} | {r['H']} | {r['pass_']} "
             f"| {f(r.get('mhc_gen_ms'))} "
             f"| {f(r.get('mhc_gen_graph_ms'))} | {f(r.get('eager_ms'))} | {f(r.get('compile_ms'))} "
-            f"| {f(r.get('speedup_vs_eager'), '{:.1f}×')} "
+            + (lig if liger else "")
+            + f"| {f(r.get('speedup_vs_eager'), '{:.1f}×')} "
             f"| {f(r.get('speedup_vs_compile'), '{:.1f}×')} "
             f"| {f(r.get('pct_copy'), '{:.0f}%')} |"
         )
+    errs = [r["liger_rel_err"] for r in layer_rows if "liger_rel_err" in r]
+    if errs:
+        out += ["", f"Liger-Kernel's output against mhc_gen's: relative error ≤ {max(errs):.1e}."]
     out += [
         "",
         "| op | T | C | n | dtype | ms | TB/s | % copy |",
