@@ -60,7 +60,7 @@ for s in "$@"; do
       python3 benchmarks/profile_ops.py --no-profiler ${PROFILE_ARGS:-}
     ;;
   tune)
-    stage tune 120 python3 benchmarks/autotune.py
+    stage tune ${TUNE_S:-300} python3 benchmarks/autotune.py
     cp tuning/*.json "$OUT/" 2>/dev/null
     ;;
   tests) stage tests ${TESTS_S:-400} python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu} ;;
