@@ -134,6 +134,9 @@ def _liger():
         from liger_kernel.transformers import functional
     except ImportError:
         return None
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot load is reported, not fatal
+        print(f"liger_kernel did not import: {e!r}", file=sys.stderr)
+        return None
     return functional if hasattr(functional, "liger_mhc_coeffs") else None
 
 
