@@ -168,10 +168,9 @@ def _compiled(dynamic: bool):
     return _COMPILED[dynamic]
 
 
-def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs):
+def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs, baselines=True):
     x, p = layer_inputs(t, c, n, dtype, dynamic, backward)
     ours, ref = layer_fns(dynamic)
-    compiled = _compiled(dynamic)
     grad = torch.randn_like(x) if backward else None
     params = [x, *p.values()]
 
@@ -191,8 +190,11 @@ def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs):
         H="dynamic" if dynamic else "static",
         pass_="fwd+bwd" if backward else "fwd",
     )
-    baselines = [("mhc_gen", ours), ("eager", ref), ("compile", compiled)]
-    liger = _liger() if dynamic else None
+    with_baselines = baselines
+    baselines = [("mhc_gen", ours)]
+    if with_baselines:
+        baselines += [("eager", ref), ("compile", _compiled(dynamic))]
+    liger = _liger() if dynamic and with_baselines else None
     if liger is not None:
         liger = liger_layer(liger)
         baselines.append(("liger", liger))
@@ -343,6 +345,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="seed configs only, forward only")
     ap.add_argument("--ops", action="store_true", help="the single-op table only (every n)")
+    ap.add_argument(
+        "--config",
+        action="append",
+        metavar="T,C,n",
+        help="only these layer configs (repeatable), e.g. 16384,4096,4",
+    )
+    ap.add_argument(
+        "--no-baselines", action="store_true", help="mhc_gen only (an A/B of two builds)"
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -364,10 +375,15 @@ def main(argv=None) -> int:
             op_rows += bench_ops(t, 4096, n, torch.bfloat16, args.reps, copy_tbs)
     save()
     configs = [] if args.ops else SEED_CONFIGS + ([] if args.quick else LARGE_CONFIGS)
+    if args.config:
+        configs = [tuple(int(v) for v in cfg.split(",")) for cfg in args.config]
     for t, c, n in configs:
         for dynamic in (False, True):
             for backward in (False,) if args.quick else (False, True):
-                row = bench_layer(t, c, n, torch.bfloat16, dynamic, backward, args.reps, copy_tbs)
+                row = bench_layer(
+                    t, c, n, torch.bfloat16, dynamic, backward, args.reps, copy_tbs,
+                    baselines=not args.no_baselines,
+                )  # fmt: skip
                 layer_rows.append(row)
                 print(json.dumps(row), flush=True)
                 save()

@@ -54,7 +54,8 @@ enum Ptr : int {
   kGradZ,         // [T, m] fp32 ∂z = α·∂h̃/r (pre backward, for ∂φ); may be null
   kGradAlphaTok,  // [T, 3] fp32 per-token ∂α (pre backward; summed over tokens later); may be null
   kGradPhi,       // [n·C, m] fp32
-  kScratch,       // [T, iters, 2, n] fp32 Sinkhorn divisors
+  kScratch,       // [T, max(iters, 1), 2, n] fp32 Sinkhorn divisors; pre's dynamic
+                  // backward then keeps H_pre and ∂r per token there
   kNumPtrs
 };
 
@@ -83,8 +84,9 @@ struct Args {
 // Launchers return 0 on success, a CUDA/HIP error code, or one of these.
 enum Status : int {
   kOk = 0,
-  kBadHidden = 10001,  // hidden differs from the variant's compiled hidden
-  kBadN = 10002,       // n differs from the variant's compiled n, or n > 32
+  kBadHidden = 10001,     // hidden differs from the variant's compiled hidden
+  kBadN = 10002,          // n differs from the variant's compiled n, or n > 32
+  kMissingInput = 10003,  // a pointer this call needs is null
 };
 
 using Launcher = int (*)(const Args&);

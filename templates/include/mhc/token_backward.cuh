@@ -226,130 +226,131 @@ __global__ void __launch_bounds__(kThreads) post_bwd_kernel(Args a) {
 
 // ---------------------------------------------------------------- pre
 
-template <int NB, int TM>
-struct PreBwdShared {
-  float h_pre[TM][NB];
-  float h_post[TM][NB];
-  float grad_h_pre[TM][NB];
-  float M[TM][NB][NB + 1];
-  float dM[TM][NB][NB + 1];
-  alignas(16) float dz[TM][(num_logits(NB) + 3) / 4 * 4];  // ∂h̃, then ∂z = α·∂h̃/r
-  float r[TM];
-  float dr[TM];  // ∂r / (n·C·r): the factor of x̄ in ∂x̄
-  float partial[kWarps][TM * NB];
+// One token's state for the coefficient backward (one warp a token).
+template <int NB>
+struct CoeffBwdShared {
+  float h_pre[NB];
+  float h_post[NB];
+  float grad_h_pre[NB];
+  float M[NB][NB + 1];
+  float dM[NB][NB + 1];
+  float dz[num_logits(NB)];  // ∂h̃
 };
 
-template <typename T, int N, int HIDDEN, int TM, bool DYN, int VEC>
-__global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
+// Floats in a token's row of kScratch: the Sinkhorn divisors, 2·iters·n (at least
+// 2n, so that the row can then hold H_pre and ∂r for pre's ∂x kernel).
+MHC_DEV int64_t scratch_row(const Args& a, int n) {
+  return 2 * int64_t(a.sinkhorn_iters > 1 ? a.sinkhorn_iters : 1) * n;
+}
+
+// Tokens (warps) a block of pre's token kernel: as many as 40 KB of shared memory holds.
+template <int NB>
+MHC_CX int pre_token_warps() {
+  const int fit = int(40 * 1024 / sizeof(CoeffBwdShared<NB>));
+  return fit < 1 ? 1 : fit < kWarps ? fit : kWarps;
+}
+
+// Pre's backward with dynamic H, part 1: one warp a token, so no block barrier waits on
+// the Sinkhorn walk and the loads of other warps keep the memory pipe busy.
+//   ∂H_pre[j] = ⟨∂u, x[j]⟩ (+ the upstream ∂H_pre), then the coefficient backward:
+//   ∂h̃, ∂z = α_g·∂h̃/r and ∂α per token; H_pre and ∂r/(n·C·r) go to the token's
+//   scratch row for part 2.
+template <typename T, int N, int HIDDEN, int VEC>
+__global__ void __launch_bounds__(pre_token_warps<n_bound<N>()>() * kWarp)
+    pre_bwd_token_kernel(Args a) {
   constexpr int NB = n_bound<N>();
-  __shared__ PreBwdShared<NB, DYN ? TM : 1> s;
+  __shared__ CoeffBwdShared<NB> shared[pre_token_warps<NB>()];
   const int n = N ? N : a.n;
   const int m = num_logits(n);
   const int64_t C = HIDDEN ? HIDDEN : a.hidden;
-  const int64_t t0 = int64_t(blockIdx.x) * TM;
-  const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
   const int64_t K = int64_t(n) * C;
-  const int warp = threadIdx.x / kWarp;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t tok = int64_t(blockIdx.x) * pre_token_warps<NB>() + warp;
+  if (tok >= a.tokens) return;  // the whole warp: nothing below waits on other warps
+  CoeffBwdShared<NB>& s = shared[warp];
+
+  float acc[NB];
+#pragma unroll
+  for (int j = 0; j < NB; ++j) acc[j] = 0.0f;
+  if (const T* du = a.in<T>(kGradOut)) {
+    const T* xt = a.in<T>(kX) + tok * K;
+    const T* dut = du + tok * C;
+#pragma unroll 2
+    for (int64_t c = int64_t(lane) * VEC; c < C; c += int64_t(kWarp) * VEC) {
+      float g[VEC];
+      load_pack_ro<T, VEC>(dut + c, g);
+#pragma unroll
+      for (int j = 0; j < NB; ++j)
+        if (j < n) {
+          float xv[VEC];
+          load_pack_ro<T, VEC>(xt + j * C + c, xv);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[j] += g[v] * xv[v];
+        }
+    }
+  }
+  const float* ext = a.in<float>(kGradHPreIn);
+  float* dh_pre = a.out<float>(kGradHPre);
+#pragma unroll
+  for (int j = 0; j < NB; ++j) {
+    if (j >= n) break;
+    const float total = warp_sum(acc[j]);
+    if (lane == 0) {
+      if (dh_pre) dh_pre[tok * n + j] = total;
+      // Upstream ∂H_pre (the caller used H_pre directly) adds to the one through u.
+      s.grad_h_pre[j] = ext ? total + ext[tok * n + j] : total;
+    }
+  }
+  sync_warp();
+
+  const float* z = a.in<float>(kZIn) + tok * m;
+  const float r = a.in<float>(kRIn)[tok];
+  const float* ghp = a.in<float>(kGradHPostIn);
+  const float* ghr = a.in<float>(kGradHResIn);
+  float* scratch = a.out<float>(kScratch) + tok * scratch_row(a, n);
+  coefficients_backward<NB>(a, n, z, r, scratch, s.grad_h_pre, ghp ? ghp + tok * n : nullptr,
+                            ghr ? ghr + tok * n * n : nullptr, s.h_pre, s.h_post, s.M, s.dM, s.dz);
+  // ∂h̃ out; ∂z = α_g·∂h̃/r; ∂α_g = Σ_{k∈g} ∂h̃_k·z_k/r; ∂r = −Σ_g α_g·∂α_g/r.
+  const float* alpha = a.in<float>(kAlpha);
+  float* dz_out = a.out<float>(kGradZ);
+  float da[3] = {0.0f, 0.0f, 0.0f};
+  for (int k = lane; k < m; k += kWarp) {
+    const float dl = s.dz[k];
+    a.out<float>(kGradLogits)[tok * m + k] = dl;
+    const int grp = k < n ? 0 : (k < 2 * n ? 1 : 2);
+    da[grp] += dl * z[k] / r;
+    if (dz_out) dz_out[tok * m + k] = alpha[grp] * dl / r;
+  }
+#pragma unroll
+  for (int grp = 0; grp < 3; ++grp) da[grp] = warp_sum(da[grp]);
+  // The divisors are spent (coefficients_backward ends on a warp barrier): the row now
+  // carries H_pre and the factor of x̄ in ∂x̄ to the ∂x kernel.
+  if (lane < n) scratch[lane] = s.h_pre[lane];
+  if (lane == 0) {
+    const float dr = -(alpha[0] * da[0] + alpha[1] * da[1] + alpha[2] * da[2]) / r;
+    scratch[n] = dr / (float(K) * r);
+    if (float* dat = a.out<float>(kGradAlphaTok))
+      for (int grp = 0; grp < 3; ++grp) dat[tok * 3 + grp] = da[grp];
+  }
+}
+
+template <int NB>
+MHC_CX int padded_logits() {
+  return (num_logits(NB) + 3) / 4 * 4;
+}
+
+// ∂x̄_k = H_pre[j]·∂u[c] (+ Σ_q φ[k][q]·∂z[q] + ∂r·x̄_k/(nC·r) for dynamic H) (+ ∂x from
+// another path) for the block's nt tokens from t0. Each thread owns KV consecutive k; the
+// TM tokens share every φ load. Fast path: φᵀ, so that a warp's loads of one logit's row
+// are one contiguous 512-byte run (φ's own rows, 4·m floats apart per lane, were not).
+// h_pre has one row for static H; dz and dr are read for dynamic H only.
+template <typename T, int NB, int TM, bool DYN, int VEC>
+MHC_DEV void pre_dx(const Args& a, int n, int64_t C, int64_t t0, int nt, const float (*h_pre)[NB],
+                    const float (*dz)[padded_logits<NB>()], const float* dr) {
+  const int m = num_logits(n);
+  const int64_t K = int64_t(n) * C;
   const T* x = a.in<T>(kX) + t0 * K;
   const T* du = a.in<T>(kGradOut);
-
-  // Phase 1: ∂H_pre[t][j] = ⟨∂u_t, x_t[j]⟩, per token, to global memory.
-  if (du) {
-    float acc[TM * NB];
-#pragma unroll
-    for (int k = 0; k < TM * NB; ++k) acc[k] = 0.0f;
-    for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
-#pragma unroll
-      for (int t = 0; t < TM; ++t) {
-        if (t >= nt) break;
-        float g[VEC];
-        load_pack_ro<T, VEC>(du + (t0 + t) * C + c, g);
-#pragma unroll
-        for (int j = 0; j < NB; ++j)
-          if (j < n) {
-            float xv[VEC];
-            load_pack_ro<T, VEC>(x + t * K + j * C + c, xv);
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) acc[t * NB + j] += g[v] * xv[v];
-          }
-      }
-    }
-    const int lane = threadIdx.x % kWarp;
-#pragma unroll
-    for (int k = 0; k < TM * NB; ++k) {
-      const float w = warp_sum(acc[k]);
-      if (lane == 0) s.partial[warp][k] = w;
-    }
-    __syncthreads();
-    for (int k = threadIdx.x; k < nt * n; k += kThreads) {
-      const int t = k / n, j = k % n;
-      float total = 0.0f;
-      for (int w = 0; w < kWarps; ++w) total += s.partial[w][t * NB + j];
-      if (a.out<float>(kGradHPre)) a.out<float>(kGradHPre)[(t0 + t) * n + j] = total;
-      if constexpr (DYN) s.grad_h_pre[t][j] = total;
-    }
-  } else if constexpr (DYN) {
-    for (int k = threadIdx.x; k < nt * n; k += kThreads) s.grad_h_pre[k / n][k % n] = 0.0f;
-  }
-  if constexpr (DYN) {
-    // Upstream ∂H_pre (the caller used H_pre directly) adds to the one through u.
-    if (const float* ext = a.in<float>(kGradHPreIn))
-      for (int k = threadIdx.x; k < nt * n; k += kThreads)
-        s.grad_h_pre[k / n][k % n] += ext[(t0 + k / n) * n + k % n];
-  }
-  __syncthreads();
-
-  if constexpr (DYN) {
-    // Phase 2: the coefficient backward, one warp per token.
-    const float* alpha = a.in<float>(kAlpha);
-    const int lane = threadIdx.x % kWarp;
-    for (int t = warp; t < nt; t += kWarps) {
-      const int64_t tok = t0 + t;
-      const float* z = a.in<float>(kZIn) + tok * m;
-      const float r = a.in<float>(kRIn)[tok];
-      const float* ghp = a.in<float>(kGradHPostIn);
-      const float* ghr = a.in<float>(kGradHResIn);
-      coefficients_backward<NB>(a, n, z, r, a.out<float>(kScratch) + tok * 2 * a.sinkhorn_iters * n,
-                                s.grad_h_pre[t], ghp ? ghp + tok * n : nullptr,
-                                ghr ? ghr + tok * n * n : nullptr, s.h_pre[t], s.h_post[t], s.M[t],
-                                s.dM[t], s.dz[t]);
-      // ∂h̃ out; ∂z = α_g·∂h̃/r; ∂α_g = Σ_{k∈g} ∂h̃_k·z_k/r; ∂r = −Σ_g α_g·∂α_g/r.
-      float da[3] = {0.0f, 0.0f, 0.0f};
-      float* dz_out = a.out<float>(kGradZ);
-      for (int k = lane; k < m; k += kWarp) {
-        const float dl = s.dz[t][k];
-        a.out<float>(kGradLogits)[tok * m + k] = dl;
-        const int grp = k < n ? 0 : (k < 2 * n ? 1 : 2);
-        da[grp] += dl * z[k] / r;
-        s.dz[t][k] = alpha[grp] * dl / r;
-        if (dz_out) dz_out[tok * m + k] = s.dz[t][k];
-      }
-#pragma unroll
-      for (int grp = 0; grp < 3; ++grp) da[grp] = warp_sum(da[grp]);
-      if (lane == 0) {
-        const float dr = -(alpha[0] * da[0] + alpha[1] * da[1] + alpha[2] * da[2]) / r;
-        s.r[t] = r;
-        s.dr[t] = dr / (float(K) * r);
-        if (float* dat = a.out<float>(kGradAlphaTok))
-          for (int grp = 0; grp < 3; ++grp) dat[tok * 3 + grp] = da[grp];
-      }
-    }
-    __syncthreads();
-  } else {
-    // Static H_pre from the logits, computed as the forward does.
-    __shared__ Shared<NB, 1, 1> hs;
-    if (threadIdx.x < kWarp) coefficients<NB, 1, 1>(a, n, 0, nullptr, 1.0f, hs);
-    __syncthreads();
-    for (int j = threadIdx.x; j < n; j += kThreads) s.h_pre[0][j] = hs.h_pre[0][j];
-    __syncthreads();
-  }
-
-  // Phase 3: ∂x̄_k = H_pre[j]·∂u[c] (+ Σ_q φ[k][q]·∂z[q] + ∂r·x̄_k/(nC·r) for dynamic H)
-  // (+ ∂x from another path). Each thread owns KV consecutive k; the block's TM tokens
-  // share every φ load. Fast path: φᵀ, so that a warp's loads of one logit's row are
-  // one contiguous 512-byte run (φ's own rows, 4·m floats apart per lane, were not).
-  // No ∂x output: the caller wanted ∂z, ∂h̃ and ∂α only (it forms ∂x with a GEMM).
-  if (a.out<T>(kGradX) == nullptr) return;
   T* dx = a.out<T>(kGradX) + t0 * K;
   const T* dx_in = a.in<T>(kGradXIn);
   if (dx_in) dx_in += t0 * K;
@@ -378,7 +379,7 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
 #pragma unroll
           for (int t = 0; t < TM; ++t) {
             if (t >= nt) break;
-            const float4 d = *reinterpret_cast<const float4*>(&s.dz[t][q]);
+            const float4 d = *reinterpret_cast<const float4*>(&dz[t][q]);
             acc[t][0] += p[0].x * d.x + p[1].x * d.y + p[2].x * d.z + p[3].x * d.w;
             acc[t][1] += p[0].y * d.x + p[1].y * d.y + p[2].y * d.z + p[3].y * d.w;
             acc[t][2] += p[0].z * d.x + p[1].z * d.y + p[2].z * d.z + p[3].z * d.w;
@@ -392,7 +393,7 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
 #pragma unroll
             for (int t = 0; t < TM; ++t) {
               if (t >= nt) break;
-              acc[t][v] += p * s.dz[t][q];
+              acc[t][v] += p * dz[t][q];
             }
           }
       }
@@ -410,12 +411,12 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
         if (du) {
           load_pack_ro<T, KV>(du + (t0 + t) * C + c, in);
 #pragma unroll
-          for (int v = 0; v < KV; ++v) g[v] += s.h_pre[hs][j] * in[v];
+          for (int v = 0; v < KV; ++v) g[v] += h_pre[hs][j] * in[v];
         }
         if constexpr (DYN) {
           load_pack_ro<T, KV>(x + t * K + k0, in);
 #pragma unroll
-          for (int v = 0; v < KV; ++v) g[v] += s.dr[t] * in[v];
+          for (int v = 0; v < KV; ++v) g[v] += dr[t] * in[v];
         }
         if (dx_in) {
           load_pack_ro<T, KV>(dx_in + t * K + k0, in);
@@ -436,8 +437,8 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
       for (int t = 0; t < TM; ++t) {
         if (t >= nt) break;
         const int hs = DYN ? t : 0;
-        float g = du ? s.h_pre[hs][j] * to_float(du[(t0 + t) * C + c]) : 0.0f;
-        if constexpr (DYN) g += acc[t][v] + s.dr[t] * to_float(x[t * K + k]);
+        float g = du ? h_pre[hs][j] * to_float(du[(t0 + t) * C + c]) : 0.0f;
+        if constexpr (DYN) g += acc[t][v] + dr[t] * to_float(x[t * K + k]);
         if (dx_in) g += to_float(dx_in[t * K + k]);
         dx[t * K + k] = from_float<T>(g);
       }
@@ -445,18 +446,104 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_kernel(Args a) {
   }
 }
 
+template <int NB, int TM>
+struct PreDxShared {
+  float h_pre[TM][NB];
+  alignas(16) float dz[TM][padded_logits<NB>()];
+  float dr[TM];
+};
+
+// Pre's backward with dynamic H, part 2: ∂x for TM tokens a block from part 1's outputs.
+template <typename T, int N, int HIDDEN, int TM, int VEC>
+__global__ void __launch_bounds__(kThreads) pre_bwd_dx_kernel(Args a) {
+  constexpr int NB = n_bound<N>();
+  __shared__ PreDxShared<NB, TM> s;
+  const int n = N ? N : a.n;
+  const int m = num_logits(n);
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t t0 = int64_t(blockIdx.x) * TM;
+  const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
+  const float* scratch = a.in<float>(kScratch);
+  const int64_t row = scratch_row(a, n);
+  for (int k = threadIdx.x; k < nt * m; k += kThreads)
+    s.dz[k / m][k % m] = a.in<float>(kGradZ)[t0 * m + k];
+  for (int k = threadIdx.x; k < nt * (n + 1); k += kThreads) {
+    const int t = k / (n + 1), j = k % (n + 1);
+    const float v = scratch[(t0 + t) * row + j];
+    if (j < n)
+      s.h_pre[t][j] = v;
+    else
+      s.dr[t] = v;
+  }
+  __syncthreads();
+  pre_dx<T, NB, TM, true, VEC>(a, n, C, t0, nt, s.h_pre, s.dz, s.dr);
+}
+
+template <int NB, int TM>
+struct PreStaticBwdShared {
+  float h_pre[1][NB];
+  float partial[kWarps][TM * NB];
+};
+
+// Pre's backward with static H, in one kernel: ∂H_pre[t][j] = ⟨∂u_t, x_t[j]⟩ per token to
+// global memory (token-summed later), then ∂x = H_pre·∂u (+ ∂x from another path).
+template <typename T, int N, int HIDDEN, int TM, int VEC>
+__global__ void __launch_bounds__(kThreads) pre_bwd_static_kernel(Args a) {
+  constexpr int NB = n_bound<N>();
+  __shared__ PreStaticBwdShared<NB, TM> s;
+  const int n = N ? N : a.n;
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t t0 = int64_t(blockIdx.x) * TM;
+  const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
+  const int64_t K = int64_t(n) * C;
+  const T* x = a.in<T>(kX) + t0 * K;
+  const T* du = a.in<T>(kGradOut);
+
+  if (du) {
+    float acc[TM * NB];
+#pragma unroll
+    for (int k = 0; k < TM * NB; ++k) acc[k] = 0.0f;
+    for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
+#pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        if (t >= nt) break;
+        float g[VEC];
+        load_pack_ro<T, VEC>(du + (t0 + t) * C + c, g);
+#pragma unroll
+        for (int j = 0; j < NB; ++j)
+          if (j < n) {
+            float xv[VEC];
+            load_pack_ro<T, VEC>(x + t * K + j * C + c, xv);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[t * NB + j] += g[v] * xv[v];
+          }
+      }
+    }
+    warp_partials<TM * NB>(acc, s.partial);
+    if (float* dh_pre = a.out<float>(kGradHPre))
+      for (int k = threadIdx.x; k < nt * n; k += kThreads)
+        dh_pre[t0 * n + k] = sum_partials<TM * NB>(s.partial, (k / n) * NB + k % n);
+  }
+  // Static H_pre from the logits, computed as the forward does.
+  __shared__ Shared<NB, 1, 1> hs;
+  if (threadIdx.x < kWarp) coefficients<NB, 1, 1>(a, n, 0, nullptr, 1.0f, hs);
+  __syncthreads();
+  for (int j = threadIdx.x; j < n; j += kThreads) s.h_pre[0][j] = hs.h_pre[0][j];
+  __syncthreads();
+  if (a.out<T>(kGradX)) pre_dx<T, NB, TM, false, VEC>(a, n, C, t0, nt, s.h_pre, nullptr, nullptr);
+}
+
 // ---------------------------------------------------------------- static coefficients
 
 template <int NB>
 __global__ void __launch_bounds__(kThreads) coeffs_bwd_static_kernel(Args a) {
-  __shared__ PreBwdShared<NB, 1> s;
+  __shared__ CoeffBwdShared<NB> s;
   const int n = a.n;
   if (threadIdx.x < kWarp) {
     coefficients_backward<NB>(a, n, nullptr, 1.0f, a.out<float>(kScratch), a.in<float>(kGradHPreIn),
-                              a.in<float>(kGradHPostIn), a.in<float>(kGradHResIn), s.h_pre[0],
-                              s.h_post[0], s.M[0], s.dM[0], s.dz[0]);
-    for (int k = threadIdx.x; k < num_logits(n); k += kWarp)
-      a.out<float>(kGradLogits)[k] = s.dz[0][k];
+                              a.in<float>(kGradHPostIn), a.in<float>(kGradHResIn), s.h_pre,
+                              s.h_post, s.M, s.dM, s.dz);
+    for (int k = threadIdx.x; k < num_logits(n); k += kWarp) a.out<float>(kGradLogits)[k] = s.dz[k];
   }
 }
 
@@ -500,6 +587,43 @@ __global__ void __launch_bounds__(kThreads) phi_grad_kernel(Args a) {
 
 enum class BwdOp { Post, Pre, Coeffs, PhiGrad };
 
+// Pre's backward: one kernel for static H; two for dynamic H (the token kernel, then
+// the ∂x kernel unless ∂x is not wanted).
+template <typename T, int N, int HIDDEN, int TM, bool DYN>
+int launch_pre_backward(const Args& a, stream_t stream) {
+  const int64_t blocks = (a.tokens + TM - 1) / TM;
+  // Four elements per ∂x access (8 bytes of bf16), where C and the pointers allow.
+  constexpr int PV = 4;
+  const int pb = PV * int(sizeof(T));
+  const bool pre_vec = a.hidden % PV == 0 && aligned_to(a.p[kX], pb) &&
+                       aligned_to(a.p[kGradOut], pb) && aligned_to(a.p[kGradX], pb) &&
+                       aligned_to(a.p[kGradXIn], pb);
+  if constexpr (!DYN) {
+    if (pre_vec)
+      pre_bwd_static_kernel<T, N, HIDDEN, TM, PV><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+    else
+      pre_bwd_static_kernel<T, N, HIDDEN, TM, 1><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+    return kOk;
+  } else {
+    if (a.p[kGradX] && !a.p[kGradZ]) return kMissingInput;  // the ∂x kernel reads ∂z
+    constexpr int W = pre_token_warps<n_bound<N>()>();
+    const unsigned token_blocks = unsigned((a.tokens + W - 1) / W);
+    constexpr int TV = 16 / int(sizeof(T));  // 16-byte loads of x and ∂u
+    const bool token_vec =
+        a.hidden % TV == 0 && aligned_to(a.p[kX], 16) && aligned_to(a.p[kGradOut], 16);
+    if (token_vec)
+      pre_bwd_token_kernel<T, N, HIDDEN, TV><<<token_blocks, W * kWarp, 0, stream>>>(a);
+    else
+      pre_bwd_token_kernel<T, N, HIDDEN, 1><<<token_blocks, W * kWarp, 0, stream>>>(a);
+    if (!a.p[kGradX]) return kOk;  // the caller forms ∂x with a GEMM from ∂z
+    if (pre_vec)
+      pre_bwd_dx_kernel<T, N, HIDDEN, TM, PV><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+    else
+      pre_bwd_dx_kernel<T, N, HIDDEN, TM, 1><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+    return kOk;
+  }
+}
+
 template <typename T, int N, int HIDDEN, int TM, BwdOp OP, bool DYN>
 int launch_backward(const Args& a) {
   if (a.n < 1 || a.n > kMaxN || (N && a.n != N)) return kBadN;
@@ -526,16 +650,8 @@ int launch_backward(const Args& a) {
       else
         post_bwd_kernel<T, N, HIDDEN, TM, DYN, 1><<<unsigned(blocks), kThreads, 0, stream>>>(a);
     } else {
-      // Four elements per access (8 bytes of bf16), where C and the pointers allow.
-      constexpr int PV = 4;
-      const int pb = PV * int(sizeof(T));
-      const bool pre_vec = a.hidden % PV == 0 && aligned_to(a.p[kX], pb) &&
-                           aligned_to(a.p[kGradOut], pb) && aligned_to(a.p[kGradX], pb) &&
-                           aligned_to(a.p[kGradXIn], pb);
-      if (pre_vec)
-        pre_bwd_kernel<T, N, HIDDEN, TM, DYN, PV><<<unsigned(blocks), kThreads, 0, stream>>>(a);
-      else
-        pre_bwd_kernel<T, N, HIDDEN, TM, DYN, 1><<<unsigned(blocks), kThreads, 0, stream>>>(a);
+      const int status = launch_pre_backward<T, N, HIDDEN, TM, DYN>(a, stream);
+      if (status != kOk) return status;
     }
   }
   return int(last_error());

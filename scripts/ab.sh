@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# A/B of two builds in one device call (timings compare only within one run on one card):
+# this tree against a base commit archived here with
+#     mkdir -p .ab && git archive -o .ab/base.tar REF      (then run with carry [".ab", ".whl"])
+# Both trees are built for sm_90, then AB_CMD runs in each, base first, logged to
+# $OUT/ab_base.log and $OUT/ab_new.log. For example
+#     AB_CMD='python3 benchmarks/bench.py --config 16384,4096,4 --no-baselines --reps 10'
+set -uo pipefail
+source "$(dirname "$0")/device_env.sh"
+new=$(pwd)
+base=/tmp/ab_base
+rm -rf "$base" && mkdir -p "$base" && tar -xf .ab/base.tar -C "$base"
+for tree in "$base" "$new"; do
+  t0=$(date +%s)
+  (cd "$tree" && python3 build.py --arch sm_90 -j "$(nproc)" 2>&1 | tail -1)
+  echo "build $tree: $(($(date +%s) - t0)) s"
+done
+for side in base new; do
+  tree=$base
+  [ "$side" = new ] && tree=$new
+  (cd "$tree" && eval "$AB_CMD") >"$OUT/ab_$side.log" 2>&1
+  echo "== $side: rc $?"
+  tail -"${AB_TAIL:-25}" "$OUT/ab_$side.log"
+done
