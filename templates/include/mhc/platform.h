@@ -9,6 +9,7 @@
 #include <hip/hip_runtime.h>
 #elif defined(__CUDACC__)
 #define MHC_CUDA 1
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #else

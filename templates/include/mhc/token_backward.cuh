@@ -453,16 +453,10 @@ struct PreDxShared {
   float dr[TM];
 };
 
-// Pre's backward with dynamic H, part 2: ∂x for TM tokens a block from part 1's outputs.
-template <typename T, int N, int HIDDEN, int TM, int VEC>
-__global__ void __launch_bounds__(kThreads) pre_bwd_dx_kernel(Args a) {
-  constexpr int NB = n_bound<N>();
-  __shared__ PreDxShared<NB, TM> s;
-  const int n = N ? N : a.n;
+// ∂z, H_pre and ∂r/(n·C·r) of nt tokens from t0 (the token kernel's outputs) to shared.
+template <int NB, int TM>
+MHC_DEV void load_dx_inputs(const Args& a, int n, int64_t t0, int nt, PreDxShared<NB, TM>& s) {
   const int m = num_logits(n);
-  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
-  const int64_t t0 = int64_t(blockIdx.x) * TM;
-  const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
   const float* scratch = a.in<float>(kScratch);
   const int64_t row = scratch_row(a, n);
   for (int k = threadIdx.x; k < nt * m; k += kThreads)
@@ -475,9 +469,171 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_kernel(Args a) {
     else
       s.dr[t] = v;
   }
+}
+
+// Pre's backward with dynamic H, part 2: ∂x for TM tokens a block from part 1's outputs.
+template <typename T, int N, int HIDDEN, int TM, int VEC>
+__global__ void __launch_bounds__(kThreads) pre_bwd_dx_kernel(Args a) {
+  constexpr int NB = n_bound<N>();
+  __shared__ PreDxShared<NB, TM> s;
+  const int n = N ? N : a.n;
+  const int m = num_logits(n);
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t t0 = int64_t(blockIdx.x) * TM;
+  const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
+  load_dx_inputs<NB, TM>(a, n, t0, nt, s);
   __syncthreads();
   pre_dx<T, NB, TM, true, VEC>(a, n, C, t0, nt, s.h_pre, s.dz, s.dr);
 }
+
+#if defined(MHC_CUDA)
+// ∂x on tensor cores (CUDA, n ≤ 8): ∂z·φᵀ for 16 tokens as mma.sync m16n8k16 products
+// of bf16 operands split into hi + lo (∂z·φᵀ ≈ ∂z_hi·φ_hi + ∂z_hi·φ_lo + ∂z_lo·φ_hi, fp32
+// accumulate: the GEMM path's precision), in place of m FMAs per element on CUDA cores.
+
+// (u, v) ≈ hi + lo as bf16 pairs (u in the low half): hi rounded to nearest even, lo the
+// rounding error rounded; one hardware conversion a pair.
+MHC_DEV void split_pair(float u, float v, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(u, v);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(u - hf.x, v - hf.y);
+  __builtin_memcpy(&hi, &h, 4);
+  __builtin_memcpy(&lo, &l, 4);
+}
+
+// d += a·b for one m16n8k16 tile (row-major a, column-major b, fp32 d).
+MHC_DEV void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// pre's ∂x kernel runs on tensor cores for n ≤ 8, where its operand fragments (m/16
+// k-steps of ∂z) stay in registers; larger n take the GEMM path on CUDA.
+constexpr int kMmaMaxN = 8;
+
+constexpr int kMmaTokens = 16;             // the m16 of the tile
+constexpr int kMmaK = 64;                  // c per warp and pass: eight n8 tiles
+constexpr int kMmaChunk = kWarps * kMmaK;  // c per block (grid.y splits C)
+
+template <int NB>
+struct PreDxMmaShared {
+  PreDxShared<NB, kMmaTokens> in;
+  // A warp's 16 × 64 ∂z·φᵀ tile, staged so that the epilogue moves 16-byte vectors of
+  // one token's row; +8 keeps the fragment stores (float2, half a warp at a time)
+  // free of bank conflicts.
+  alignas(16) float tile[kWarps][kMmaTokens][kMmaK + 8];
+};
+
+// pre_bwd_dx_kernel with the ∂z·φᵀ term on tensor cores; VEC = 16 bytes of T (C a
+// multiple of VEC and every [T, n, C] pointer 16-byte aligned).
+template <typename T, int N, int HIDDEN, int VEC>
+__global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
+  constexpr int NB = n_bound<N>() < kMmaMaxN ? n_bound<N>() : kMmaMaxN;  // the launcher
+  constexpr int TM = kMmaTokens;                                         // checks n ≤ NB
+  constexpr int KS = (num_logits(NB) + 15) / 16;                         // k-steps of 16 logits
+  __shared__ PreDxMmaShared<NB> s;
+  const int n = N ? N : a.n;
+  const int m = num_logits(n);
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t K = int64_t(n) * C;
+  const int64_t t0 = int64_t(blockIdx.x) * TM;
+  const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
+  load_dx_inputs<NB, TM>(a, n, t0, nt, s.in);
+  __syncthreads();
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int g = lane / 4, c2 = 2 * (lane % 4);  // the fragment's row and column pair
+  // A: ∂z of the 16 tokens (rows past nt and logits past m are zero), split once.
+  uint32_t a_hi[KS][4], a_lo[KS][4];
+#pragma unroll
+  for (int st = 0; st < KS; ++st)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = g + (r & 1) * 8, col = 16 * st + c2 + (r >> 1) * 8;
+      const bool live = row < nt;
+      split_pair(live && col < m ? s.in.dz[row][col] : 0.0f,
+                 live && col + 1 < m ? s.in.dz[row][col + 1] : 0.0f, a_hi[st][r], a_lo[st][r]);
+    }
+
+  const float* phi = a.in<float>(kPhi);
+  const bool pairs = m % 2 == 0 && reinterpret_cast<uintptr_t>(phi) % 8 == 0;
+  const T* x = a.in<T>(kX) + t0 * K;
+  const T* du = a.in<T>(kGradOut);
+  T* dx = a.out<T>(kGradX) + t0 * K;
+  const T* dx_in = a.in<T>(kGradXIn);
+  if (dx_in) dx_in += t0 * K;
+  float(*tile)[kMmaK + 8] = s.tile[warp];
+  // The block owns c in [c_lo, c_lo + kMmaChunk) of every stream j, so its tokens' ∂u
+  // rows are read from memory once and reused from cache for each j; and blocks are
+  // small enough that the last wave is short.
+  const int64_t c_lo = int64_t(blockIdx.y) * kMmaChunk + int64_t(warp) * kMmaK;
+  for (int j = 0; j < n; ++j) {
+    const int64_t kb = int64_t(j) * C + c_lo;  // the warp's first k
+#pragma unroll
+    for (int nb = 0; nb < kMmaK / 8; ++nb) {
+      // B: φ[k][q] for this lane's k (column g of the n8 tile) and logit pairs.
+      const bool live = c_lo + nb * 8 + g < C;
+      const int64_t k = kb + nb * 8 + g;
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int st = 0; st < KS; ++st) {
+        float f[4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int q = 16 * st + c2 + h * 8;
+          if (live && pairs && q < m) {  // m even: q + 1 < m too
+            const float2 p = __ldg(reinterpret_cast<const float2*>(phi + k * m + q));
+            f[2 * h] = p.x, f[2 * h + 1] = p.y;
+          } else {
+            f[2 * h] = live && q < m ? __ldg(phi + k * m + q) : 0.0f;
+            f[2 * h + 1] = live && q + 1 < m ? __ldg(phi + k * m + q + 1) : 0.0f;
+          }
+        }
+        uint32_t b_hi[2], b_lo[2];
+        split_pair(f[0], f[1], b_hi[0], b_lo[0]);
+        split_pair(f[2], f[3], b_hi[1], b_lo[1]);
+        mma_bf16(d, a_hi[st], b_hi);
+        mma_bf16(d, a_hi[st], b_lo);
+        mma_bf16(d, a_lo[st], b_hi);
+      }
+      *reinterpret_cast<float2*>(&tile[g][nb * 8 + c2]) = make_float2(d[0], d[1]);
+      *reinterpret_cast<float2*>(&tile[g + 8][nb * 8 + c2]) = make_float2(d[2], d[3]);
+    }
+    sync_warp();
+    // Epilogue: VEC consecutive c of one token a lane; + H_pre[j]·∂u + ∂r·x̄ (+ ∂x_in).
+    constexpr int kLanesPerRow = kMmaK / VEC;
+    constexpr int kRowsPerPass = kWarp / kLanesPerRow;
+    const int col = (lane % kLanesPerRow) * VEC;
+    const int64_t c = c_lo + col;
+    if (c < C) {  // C is a multiple of VEC: the whole vector is in range
+      const int64_t k0 = kb + col;
+      for (int t = lane / kLanesPerRow; t < nt; t += kRowsPerPass) {
+        float v[VEC], in[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[e] = tile[t][col + e];
+        if (du) {
+          load_pack_ro<T, VEC>(du + (t0 + t) * C + c, in);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) v[e] += s.in.h_pre[t][j] * in[e];
+        }
+        load_pack_ro<T, VEC>(x + t * K + k0, in);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[e] += s.in.dr[t] * in[e];
+        if (dx_in) {
+          load_pack_ro<T, VEC>(dx_in + t * K + k0, in);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) v[e] += in[e];
+        }
+        store_pack<T, VEC>(dx + t * K + k0, v);
+      }
+    }
+    sync_warp();
+  }
+}
+#endif  // MHC_CUDA
 
 template <int NB, int TM>
 struct PreStaticBwdShared {
@@ -616,6 +772,20 @@ int launch_pre_backward(const Args& a, stream_t stream) {
     else
       pre_bwd_token_kernel<T, N, HIDDEN, 1><<<token_blocks, W * kWarp, 0, stream>>>(a);
     if (!a.p[kGradX]) return kOk;  // the caller forms ∂x with a GEMM from ∂z
+#if defined(MHC_CUDA)
+    if (a.n <= kMmaMaxN) {
+      constexpr int MV = 16 / int(sizeof(T));
+      const bool mma_vec = a.hidden % MV == 0 && aligned_to(a.p[kX], 16) &&
+                           aligned_to(a.p[kGradOut], 16) && aligned_to(a.p[kGradX], 16) &&
+                           aligned_to(a.p[kGradXIn], 16);
+      if (mma_vec) {
+        const dim3 grid(unsigned((a.tokens + kMmaTokens - 1) / kMmaTokens),
+                        unsigned((a.hidden + kMmaChunk - 1) / kMmaChunk));
+        pre_bwd_dx_mma_kernel<T, N, HIDDEN, MV><<<grid, kThreads, 0, stream>>>(a);
+        return kOk;
+      }
+    }
+#endif
     if (pre_vec)
       pre_bwd_dx_kernel<T, N, HIDDEN, TM, PV><<<unsigned(blocks), kThreads, 0, stream>>>(a);
     else
