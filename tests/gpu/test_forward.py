@@ -18,7 +18,7 @@ import mhc_gen
 from generator.spec import Op, parse
 from mhc_gen import gpu, reference
 from mhc_gen._launch import TORCH_DTYPES, forced_variant, poisoned_outputs
-from mhc_gen.testing import TOLERANCES, assert_close, bitwise_equal
+from mhc_gen.testing import GRAD_TOLERANCES, TOLERANCES, assert_close, bitwise_equal
 
 pytestmark = pytest.mark.gpu
 
@@ -231,3 +231,33 @@ def test_jit_compiles_a_shape_outside_the_prebuilt_set(tmp_path, monkeypatch):
     want = reference.dynamic_coefficients(_d(x), _d(phi), _d(alpha), _d(b))
     assert_close(u, reference.pre(_d(x), want[0]), "u")
     assert_close(h_res, want[2], "H_res")
+
+
+@pytest.mark.parametrize("n", [3, 7])
+def test_jit_compile_time_odd_n_post(tmp_path, monkeypatch, n):
+    """Compile-time n whose padded H_res rows are whole quads (n = 3, 7; the full build's
+    11 and 15 too) once read a fourth stream past xs in post's forward: x_next was NaN.
+    MHC_GEN_JIT=specialize compiles post_dyn_n{n} and its backward; both against float64."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    monkeypatch.setenv("MHC_GEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MHC_GEN_JIT", "specialize")
+    t, c = 5, 96
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(t, n, c, generator=g).cuda().requires_grad_()
+    y = torch.randn(t, c, generator=g).cuda().requires_grad_()
+    h_post = (2 * torch.rand(t, n, generator=g)).cuda().requires_grad_()
+    h_res = torch.softmax(torch.randn(t, n, n, generator=g), -1).cuda().requires_grad_()
+    up = torch.randn(t, n, c, generator=g).cuda()
+    with poisoned_outputs():
+        out = mhc_gen.post_dynamic(x, y, h_post, h_res)
+        grads = torch.autograd.grad(out, [x, y, h_post, h_res], up)
+    built = [p.name for p in tmp_path.rglob("*.so")]
+    for op in ("post_dyn", "post_bwd_dyn"):
+        assert any(f"_jit_{op}_n{n}_hany_fp32" in name for name in built), built
+    leaves = [_d(v).detach().requires_grad_() for v in (x, y, h_post, h_res)]
+    want = reference.post(*leaves)
+    assert_close(out, want, "x_next")
+    want_grads = torch.autograd.grad(want, leaves, _d(up))
+    for got, ref, name in zip(grads, want_grads, ("∂x", "∂y", "∂H_post", "∂H_res"), strict=True):
+        assert_close(got, ref, name, GRAD_TOLERANCES[torch.float32])

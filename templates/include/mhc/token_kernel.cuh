@@ -240,7 +240,9 @@ MHC_DEV void pre_vector(const T* xt, U* ut, int64_t C, int n, const float* h_pre
 template <typename T, int NB, int VEC>
 MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, int n,
                          const float* h_post, const float (*h_res)[res_ld<NB>()], int64_t c) {
-  constexpr bool kQuads = res_ld<NB>() % 4 == 0;  // rows read as float4 (n ≥ 16)
+  // Rows read as float4 for n ≥ 16. Not for n = 3, 7, 11, 15, whose padded rows are
+  // whole quads too: xs has no fourth stream for the last quad to read.
+  constexpr bool kQuads = NB % 4 == 0 && res_ld<NB>() % 4 == 0;
   float xs[NB][VEC];
 #pragma unroll
   for (int j = 0; j < NB; ++j) {
