@@ -177,6 +177,6 @@ def is_supported(spec: KernelSpec) -> bool:
     if spec.op is Op.PHI_GRAD_DYN and spec.tile != 1:
         return False
     if spec.op is Op.PRE_BWD_DYN:
-        # Shared memory grows with tile × n², phase-1 registers with tile × n.
+        # The ∂x kernel's shared ∂z grows with tile × n², its accumulators with the tile.
         return spec.tile <= (2 if spec.n is None or spec.n > 8 else 16 if spec.n <= 4 else 8)
     return spec.tile <= 8
