@@ -47,7 +47,7 @@ def _case(spec, data):
     t = data.draw(st.one_of(st.just(1), st.integers(1, 33)), label="T")
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     alpha = data.draw(st.sampled_from([0.01, 1.0]), label="alpha")
-    iters = data.draw(st.sampled_from([20, 20, 3]), label="iters")
+    iters = data.draw(st.sampled_from([20, 20, 3, 1, 0]), label="iters")
     return n, c, t, seed, alpha, iters
 
 

@@ -293,12 +293,13 @@ __global__ void __launch_bounds__(pre_token_warps<n_bound<N>()>() * kWarp)
   float* dh_pre = a.out<float>(kGradHPre);
 #pragma unroll
   for (int j = 0; j < NB; ++j) {
-    if (j >= n) break;
-    const float total = warp_sum(acc[j]);
-    if (lane == 0) {
-      if (dh_pre) dh_pre[tok * n + j] = total;
-      // Upstream ∂H_pre (the caller used H_pre directly) adds to the one through u.
-      s.grad_h_pre[j] = ext ? total + ext[tok * n + j] : total;
+    if (j < n) {  // not a break: a loop with an exit and shuffles is not unrolled on ROCm
+      const float total = warp_sum(acc[j]);
+      if (lane == 0) {
+        if (dh_pre) dh_pre[tok * n + j] = total;
+        // Upstream ∂H_pre (the caller used H_pre directly) adds to the one through u.
+        s.grad_h_pre[j] = ext ? total + ext[tok * n + j] : total;
+      }
     }
   }
   sync_warp();
@@ -773,12 +774,12 @@ int launch_pre_backward(const Args& a, stream_t stream) {
       pre_bwd_token_kernel<T, N, HIDDEN, 1><<<token_blocks, W * kWarp, 0, stream>>>(a);
     if (!a.p[kGradX]) return kOk;  // the caller forms ∂x with a GEMM from ∂z
 #if defined(MHC_CUDA)
-    if (a.n <= kMmaMaxN) {
+    if constexpr (N <= kMmaMaxN) {  // N = 0 (any n): a.n decides
       constexpr int MV = 16 / int(sizeof(T));
-      const bool mma_vec = a.hidden % MV == 0 && aligned_to(a.p[kX], 16) &&
-                           aligned_to(a.p[kGradOut], 16) && aligned_to(a.p[kGradX], 16) &&
-                           aligned_to(a.p[kGradXIn], 16);
-      if (mma_vec) {
+      const bool mma_ok = a.n <= kMmaMaxN && a.hidden % MV == 0 && aligned_to(a.p[kX], 16) &&
+                          aligned_to(a.p[kGradOut], 16) && aligned_to(a.p[kGradX], 16) &&
+                          aligned_to(a.p[kGradXIn], 16);
+      if (mma_ok) {
         const dim3 grid(unsigned((a.tokens + kMmaTokens - 1) / kMmaTokens),
                         unsigned((a.hidden + kMmaChunk - 1) / kMmaChunk));
         pre_bwd_dx_mma_kernel<T, N, HIDDEN, MV><<<grid, kThreads, 0, stream>>>(a);
