@@ -378,25 +378,25 @@ MHC_DEV void pre_dx(const Args& a, int n, int64_t C, int64_t t0, int nt, const f
           for (int i = 0; i < 4; ++i)
             p[i] = *reinterpret_cast<const float4*>(phi_t + int64_t(q + i) * K + k0);
 #pragma unroll
-          for (int t = 0; t < TM; ++t) {
-            if (t >= nt) break;
-            const float4 d = *reinterpret_cast<const float4*>(&dz[t][q]);
-            acc[t][0] += p[0].x * d.x + p[1].x * d.y + p[2].x * d.z + p[3].x * d.w;
-            acc[t][1] += p[0].y * d.x + p[1].y * d.y + p[2].y * d.z + p[3].y * d.w;
-            acc[t][2] += p[0].z * d.x + p[1].z * d.y + p[2].z * d.z + p[3].z * d.w;
-            acc[t][3] += p[0].w * d.x + p[1].w * d.y + p[2].w * d.z + p[3].w * d.w;
-          }
+          for (int t = 0; t < TM; ++t)
+            if (t < nt) {
+              const float4 d = *reinterpret_cast<const float4*>(&dz[t][q]);
+              acc[t][0] += p[0].x * d.x + p[1].x * d.y + p[2].x * d.z + p[3].x * d.w;
+              acc[t][1] += p[0].y * d.x + p[1].y * d.y + p[2].y * d.z + p[3].y * d.w;
+              acc[t][2] += p[0].z * d.x + p[1].z * d.y + p[2].z * d.z + p[3].z * d.w;
+              acc[t][3] += p[0].w * d.x + p[1].w * d.y + p[2].w * d.z + p[3].w * d.w;
+            }
         }
       } else {
-        for (int v = 0; v < KV && k0 + v < K; ++v)
-          for (int q = 0; q < m; ++q) {
-            const float p = phi[(k0 + v) * m + q];
 #pragma unroll
-            for (int t = 0; t < TM; ++t) {
-              if (t >= nt) break;
-              acc[t][v] += p * dz[t][q];
+        for (int v = 0; v < KV; ++v)
+          if (k0 + v < K)
+            for (int q = 0; q < m; ++q) {
+              const float p = phi[(k0 + v) * m + q];
+#pragma unroll
+              for (int t = 0; t < TM; ++t)
+                if (t < nt) acc[t][v] += p * dz[t][q];
             }
-          }
       }
     }
     if (VEC > 1 && k0 + KV <= K) {
@@ -404,7 +404,7 @@ MHC_DEV void pre_dx(const Args& a, int n, int64_t C, int64_t t0, int nt, const f
       const int64_t c = k0 - int64_t(j) * C;
 #pragma unroll
       for (int t = 0; t < TM; ++t) {
-        if (t >= nt) break;
+        if (t >= nt) continue;
         const int hs = DYN ? t : 0;
         float g[KV], in[KV];
 #pragma unroll
@@ -431,12 +431,12 @@ MHC_DEV void pre_dx(const Args& a, int n, int64_t C, int64_t t0, int nt, const f
 #pragma unroll
     for (int v = 0; v < KV; ++v) {
       const int64_t k = k0 + v;
-      if (k >= K) break;
+      if (k >= K) continue;
       const int j = int(k / C);
       const int64_t c = k - int64_t(j) * C;
 #pragma unroll
       for (int t = 0; t < TM; ++t) {
-        if (t >= nt) break;
+        if (t >= nt) continue;
         const int hs = DYN ? t : 0;
         float g = du ? h_pre[hs][j] * to_float(du[(t0 + t) * C + c]) : 0.0f;
         if constexpr (DYN) g += acc[t][v] + dr[t] * to_float(x[t * K + k]);
