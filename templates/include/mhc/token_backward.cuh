@@ -1,9 +1,10 @@
 // The backward kernel family. Per token it mirrors token_kernel.cuh:
 //
 //   post_bwd   ∂y = H_postᵀ·G, ∂x = H_resᵀ·G, ∂H_post = G·y, ∂H_res = G·xᵀ
-//   pre_bwd    ∂H_pre = ∂u·xᵀ; dynamic H: the coefficient backward (exact
-//              Sinkhorn backward, recomputed from the saved z and r) and
-//              ∂x = H_pre·∂u + ∂z·φᵀ + ∂r·x̄/(nC·r)
+//   pre_bwd    ∂H_pre = ∂u·xᵀ and ∂x = H_pre·∂u (one kernel for static H). Dynamic H:
+//              a token kernel (∂H_pre, then the exact Sinkhorn backward recomputed
+//              from the saved z and r, a warp a token) and a ∂x kernel,
+//              ∂x = H_pre·∂u + ∂z·φᵀ + ∂r·x̄/(nC·r), ∂z·φᵀ on tensor cores on CUDA
 //   coeffs_bwd the static H's ∂b from token-summed ∂H (one warp)
 //   phi_grad   ∂φ = Σ_t x̄_tᵀ·∂z_t, tokens split in fixed chunks
 //
