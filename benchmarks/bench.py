@@ -190,15 +190,14 @@ def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs, baselines=Tru
         H="dynamic" if dynamic else "static",
         pass_="fwd+bwd" if backward else "fwd",
     )
-    with_baselines = baselines
-    baselines = [("mhc_gen", ours)]
-    if with_baselines:
-        baselines += [("eager", ref), ("compile", _compiled(dynamic))]
-    liger = _liger() if dynamic and with_baselines else None
+    timed = [("mhc_gen", ours)]
+    if baselines:
+        timed += [("eager", ref), ("compile", _compiled(dynamic))]
+    liger = _liger() if dynamic and baselines else None
     if liger is not None:
         liger = liger_layer(liger)
-        baselines.append(("liger", liger))
-    for name, fn in baselines:
+        timed.append(("liger", liger))
+    for name, fn in timed:
         try:
             row[f"{name}_ms"] = ms = time_cold(run(fn), reps)
             # About 5 ms of work per captured graph: slow baselines replay fewer calls.
