@@ -24,7 +24,7 @@ def default_tile(op: Op, n: int | None = None) -> int:
     n allows (on CUDA at n ≤ 8 its tensor-core form always takes 16, the mma's m16)."""
     if op in (Op.COEFFS_STATIC, Op.COEFFS_BWD_STATIC, Op.PHI_GRAD_DYN):
         return 1
-    if op in (Op.POST_BWD_DYN, Op.POST_BWD_STATIC, Op.PRE_BWD_STATIC):
+    if op in (Op.POST_BWD_DYN, Op.POST_BWD_STATIC, Op.PRE_BWD_STATIC, Op.LAYER_BWD_STATIC):
         return 1
     if op is Op.PRE_BWD_DYN:
         return 2 if n is None or n > 8 else 16 if n <= 4 else 8
@@ -58,7 +58,7 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
                 spec = _spec(op, n, None, dtype, arch)
                 if is_supported(spec):  # e.g. the tensor-core projection: bf16 on CUDA only
                     specs.add(spec)
-        if profile != "minimal" and op.has_hidden_axis:
+        if profile != "minimal" and op.specialises_hidden:
             for dtype in hot_dtypes:
                 for hidden in HOT_HIDDEN:
                     specs.add(_spec(op, HOT_N, hidden, dtype, arch))

@@ -32,6 +32,9 @@ class Op(enum.Enum):
     POST_BWD_STATIC = "post_bwd_static"
     COEFFS_BWD_STATIC = "coeffs_bwd_static"
     PHI_GRAD_DYN = "phi_grad_dyn"
+    # the seed layer's backward up to pre's (recompute, RMSNorm, post)
+    LAYER_BWD_DYN = "layer_bwd_dyn"
+    LAYER_BWD_STATIC = "layer_bwd_static"
 
     @property
     def dynamic(self) -> bool:
@@ -51,11 +54,25 @@ class Op(enum.Enum):
         return self.needs_x and self is not Op.PHI_GRAD_DYN
 
     @property
+    def layer_backward(self) -> bool:
+        return self in (Op.LAYER_BWD_DYN, Op.LAYER_BWD_STATIC)
+
+    @property
+    def specialises_hidden(self) -> bool:
+        """Whether builds compile it for the hot hidden sizes (the layer backward loops
+        over C at run time anyway)."""
+        return self.has_hidden_axis and not self.layer_backward
+
+    @property
     def header(self) -> str:
+        if self.layer_backward:
+            return "mhc/layer_backward.cuh"
         return "mhc/token_backward.cuh" if self.backward else "mhc/token_kernel.cuh"
 
     @property
     def launcher(self) -> str:
+        if self.layer_backward:
+            return "mhc::launch_layer_backward"
         return "mhc::launch_backward" if self.backward else "mhc::launch"
 
     @property
@@ -68,6 +85,7 @@ class Op(enum.Enum):
                 "post_bwd": "Post",
                 "coeffs_bwd": "Coeffs",
                 "phi_grad": "PhiGrad",
+                "layer_bwd": "Layer",
             }
             return f"mhc::BwdOp::{name[base]}"
         return f"mhc::Op::{base.capitalize()}"

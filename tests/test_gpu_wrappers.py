@@ -104,11 +104,16 @@ def test_pointer_names_cover_every_enumerator():
         assert name.replace("_", "") == enumerator[1:].lower()
 
 
-def test_fp16_layer_backward_runs_pre_backward_in_fp32(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_fp16_layer_backward_runs_pre_backward_in_fp32(monkeypatch, fused):
     """∂u of the layer's RMSNorm can underflow fp16: pre's backward runs on fp32 copies."""
-    dtypes = []
-    monkeypatch.setattr(gpu, "launch", lambda op, device, dtype, **kw: dtypes.append((op, dtype)))
+    calls = []
+    monkeypatch.setattr(
+        gpu, "launch", lambda op, device, dtype, **kw: calls.append((op, dtype, kw))
+    )
     monkeypatch.setattr(gpu, "_phi_splits", lambda t, k, device: 1)
+    monkeypatch.setattr(gpu, "_sm_count", lambda device: 2)
+    monkeypatch.setattr(gpu, "_fused_layer_backward", lambda x: fused)
     v = _inputs(torch.float16)
     z, r = torch.randn(T, R.num_logits(N)), torch.rand(T) + 1
     g = torch.randn(T, N, C).half()
@@ -117,8 +122,16 @@ def test_fp16_layer_backward_runs_pre_backward_in_fp32(monkeypatch):
                                         1e-6, 1e-6, 2)  # fmt: skip
     dx_static, *_ = gpu.layer_static_backward(g, v["x"], w, v["b"], 20, 1e-6, 1e-6, 2)
     assert dx.dtype == dx_static.dtype == torch.float16
+    dtypes = [(op, dtype) for op, dtype, _ in calls]
     assert (Op.PRE_BWD_DYN, DType.FP32) in dtypes and (Op.PRE_BWD_STATIC, DType.FP32) in dtypes
-    assert (Op.POST_BWD_DYN, DType.FP16) in dtypes
+    if fused:
+        fronts = [kw for op, dtype, kw in calls if op in (Op.LAYER_BWD_DYN, Op.LAYER_BWD_STATIC)]
+        assert len(fronts) == 2
+        for kw in fronts:  # ∂u in fp32, the ∂w rows one a block
+            assert kw["grad_u"] is None and kw["grad_u_f32"].dtype == torch.float32
+            assert kw["grad_norm_weight"].shape == (kw["splits"], C)
+    else:
+        assert (Op.POST_BWD_DYN, DType.FP16) in dtypes
 
 
 def test_gemm_projection_leaves_r_to_the_kernel(monkeypatch):

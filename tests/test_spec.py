@@ -41,7 +41,7 @@ def test_default_profile_covers_the_issue_matrix():
             for d in list(DType) if op.needs_x else [DType.FP32]:
                 spec = KernelSpec(op, n, None, d, Arch.SM90, default_tile(op, n))
                 assert spec.name in names or not is_supported(spec)
-        if op.has_hidden_axis:
+        if op.specialises_hidden:
             for h in HOT_HIDDEN:
                 for d in (DType.BF16, DType.FP32):
                     assert KernelSpec(op, 4, h, d, Arch.SM90, default_tile(op, 4)).name in names

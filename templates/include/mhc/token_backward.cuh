@@ -743,7 +743,7 @@ __global__ void __launch_bounds__(kThreads) phi_grad_kernel(Args a) {
 
 // ---------------------------------------------------------------- launchers
 
-enum class BwdOp { Post, Pre, Coeffs, PhiGrad };
+enum class BwdOp { Post, Pre, Coeffs, PhiGrad, Layer };
 
 // Pre's backward: one kernel for static H; two for dynamic H (the token kernel, then
 // the ∂x kernel unless ∂x is not wanted).

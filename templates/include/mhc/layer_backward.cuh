@@ -1,0 +1,244 @@
+// The seed layer's backward up to pre's, in one kernel:
+//   x_next = H_res·x + H_postᵀ·y,  y = u·s·w,  u = H_pre·x,  s = 1/rms(u).
+// Per token, from x and G = ∂x_next, with H from the saved z and r (dynamic) or the logits:
+//   pass 1  u into shared memory; Σu² gives s
+//   pass 2  y; ∂y = H_postᵀ·G; ∂x_post = H_resᵀ·G (written); ∂H_post = G·y, ∂H_res = G·xᵀ
+//           (token sums, written); g = ∂y·w into shared memory; Σ g·u; ∂w += ∂y·u·s
+//   pass 3  ∂u = s·g − u·s³·mean(g·u) (written: pre's backward takes it from here)
+// It replaces the recompute of u, RMSNorm's forward and backward, post's backward and the
+// casts between them, which together read and wrote [T, C] and [T, n, C] tensors seven times.
+//
+// A block walks token groups blockIdx.x, + gridDim.x, ...: each thread owns the same
+// channels in every pass and token, so u, g and its ∂w partial stay in shared memory
+// without barriers, and the block's ∂w row (kGradNormWeight) sums its tokens in order;
+// the caller sums the rows in a fixed order. No atomics.
+#pragma once
+
+#include "token_backward.cuh"
+
+namespace mhc {
+
+// Floats of dynamic shared memory a block takes: u, g and the ∂w partial, C each
+// (rounded up to 4 so that each array starts 16-byte aligned).
+MHC_CX int64_t layer_bwd_smem_floats(int64_t C) { return 3 * ((C + 3) / 4 * 4); }
+
+template <typename T, int N, int HIDDEN, int TM, bool DYN, int VEC>
+__global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
+  constexpr int NB = n_bound<N>();
+  constexpr bool kSmallN = NB * NB <= 64;  // ∂H_res accumulated in pass 2
+  constexpr int SLOTS = DYN ? TM : 1;
+  constexpr int K = NB + (kSmallN ? NB * NB : 0) + 1;  // ∂H_post, ∂H_res, Σ g·u
+  __shared__ Shared<NB, TM, SLOTS> s;
+  __shared__ float partial[kWarps][K];
+  __shared__ float token_scale[2];  // s, then s³·mean(g·u)
+  extern __shared__ float4 dynamic_smem[];
+  const int n = N ? N : a.n;
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t cpad = (C + 3) / 4 * 4;
+  float* su = reinterpret_cast<float*>(dynamic_smem);
+  float* sg = su + cpad;
+  float* sdw = sg + cpad;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t token_elems = int64_t(n) * C;
+  const int64_t c0 = int64_t(threadIdx.x) * VEC, cstep = int64_t(kThreads) * VEC;
+  const T* x = a.in<T>(kX);
+  const T* grad = a.in<T>(kGradOut);
+  const float* w = a.in<float>(kNormWeight);
+  T* dx = a.out<T>(kGradX);
+  T* du = a.out<T>(kGradU);
+  float* du32 = a.out<float>(kGradUF32);
+
+  for (int64_t c = c0; c < C; c += cstep)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sdw[c + v] = 0.0f;
+  if constexpr (!DYN) {
+    if (warp == 0) coefficients<NB, TM, SLOTS>(a, n, 0, nullptr, 1.0f, s);
+  }
+
+  const int64_t groups = (a.tokens + TM - 1) / TM;
+  for (int64_t grp = blockIdx.x; grp < groups; grp += gridDim.x) {
+    const int64_t t0 = grp * TM;
+    const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
+    if constexpr (DYN) {  // H of the group's tokens from the saved z and r, a warp a token
+      const int m = num_logits(n);
+      __syncthreads();  // the previous group's H is no longer read
+      for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
+        s.z[idx / m][idx % m] = a.in<float>(kZIn)[t0 * m + idx];
+      for (int t = threadIdx.x; t < nt; t += kThreads) s.r[t] = a.in<float>(kRIn)[t0 + t];
+      __syncthreads();
+      for (int t = warp; t < nt; t += kWarps)
+        coefficients<NB, TM, SLOTS>(a, n, t, s.z[t], s.r[t], s);
+    }
+    __syncthreads();
+
+    for (int t = 0; t < nt; ++t) {
+      const int hs = DYN ? t : 0;
+      const int64_t tok = t0 + t;
+      const T* xt = x + tok * token_elems;
+      const T* gt = grad + tok * token_elems;
+
+      // Pass 1: u = H_pre·x (the forward's order of additions), Σu².
+      float sq = 0.0f;
+      for (int64_t c = c0; c < C; c += cstep) {
+        float u[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) u[v] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NB; ++j)
+          if (j < n) {
+            float xv[VEC];
+            load_pack<T, VEC>(xt + j * C + c, xv);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) u[v] += s.h_pre[hs][j] * xv[v];
+          }
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          su[c + v] = u[v];
+          sq += u[v] * u[v];
+        }
+      }
+      {
+        const float wsum = warp_sum(sq);
+        if (threadIdx.x % kWarp == 0) partial[warp][0] = wsum;
+        __syncthreads();
+        if (threadIdx.x == 0)
+          token_scale[0] = 1.0f / token_rms(sum_partials<K>(partial, 0), C, a.eps_rms);
+        __syncthreads();
+      }
+      const float scale = token_scale[0];
+
+      // Pass 2: post's backward with y recomputed, g = ∂y·w, Σ g·u and ∂w.
+      float acc[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc[k] = 0.0f;
+      for (int64_t c = c0; c < C; c += cstep) {
+        float gs[NB][VEC], uv[VEC], wv[VEC], yv[VEC], dy[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) uv[v] = su[c + v];
+        load_pack<float, VEC>(w + c, wv);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) yv[v] = uv[v] * scale * wv[v];
+#pragma unroll
+        for (int i = 0; i < NB; ++i)
+          if (i < n) load_pack<T, VEC>(gt + i * C + c, gs[i]);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) dy[v] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NB; ++i)
+          if (i < n) {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) {
+              dy[v] += s.h_post[hs][i] * gs[i][v];
+              acc[i] += gs[i][v] * yv[v];
+            }
+          }
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const float g = dy[v] * wv[v];
+          sg[c + v] = g;
+          acc[K - 1] += g * uv[v];
+          sdw[c + v] += dy[v] * uv[v] * scale;
+        }
+        // ∂x_post[j] = Σ_i H_res[i][j]·G[i]
+        constexpr int kColUnroll = NB <= 8 ? NB : 1;
+#pragma unroll kColUnroll
+        for (int j = 0; j < NB; ++j)
+          if (j < n) {
+            float o[VEC];
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) o[v] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NB; ++i)
+              if (i < n) {
+#pragma unroll
+                for (int v = 0; v < VEC; ++v) o[v] += s.h_res[hs][i][j] * gs[i][v];
+              }
+            store_pack<T, VEC>(dx + tok * token_elems + j * C + c, o);
+            if constexpr (kSmallN) {
+              float xv[VEC];
+              load_pack<T, VEC>(xt + j * C + c, xv);
+#pragma unroll
+              for (int i = 0; i < NB; ++i)
+                if (i < n) {
+#pragma unroll
+                  for (int v = 0; v < VEC; ++v) acc[NB + i * NB + j] += gs[i][v] * xv[v];
+                }
+            }
+          }
+      }
+      warp_partials<K>(acc, partial);
+      float* dh_post = a.out<float>(kGradHPost) + tok * n;
+      float* dh_res = a.out<float>(kGradHRes) + tok * n * n;
+      for (int k = threadIdx.x; k < n; k += kThreads) dh_post[k] = sum_partials<K>(partial, k);
+      if constexpr (kSmallN)
+        for (int k = threadIdx.x; k < n * n; k += kThreads)
+          dh_res[k] = sum_partials<K>(partial, NB + (k / n) * NB + k % n);
+      if (threadIdx.x == 0) {
+        const float dot = sum_partials<K>(partial, K - 1);
+        token_scale[1] = scale * scale * scale * dot / float(C);
+      }
+      __syncthreads();
+      const float k_u = token_scale[1];
+
+      // Pass 3: ∂u = s·g − u·s³·mean(g·u).
+      for (int64_t c = c0; c < C; c += cstep) {
+        float d[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) d[v] = scale * sg[c + v] - su[c + v] * k_u;
+        if (du32)
+          store_pack<float, VEC>(du32 + tok * C + c, d);
+        else
+          store_pack<T, VEC>(du + tok * C + c, d);
+      }
+
+      if constexpr (!kSmallN) {
+        // Large n: one row of ∂H_res per pass over C keeps NB accumulators (as post's).
+        for (int i = 0; i < n; ++i) {
+          float row[NB];
+#pragma unroll
+          for (int j = 0; j < NB; ++j) row[j] = 0.0f;
+          for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+            const float gi = to_float(gt[i * C + c]);
+#pragma unroll
+            for (int j = 0; j < NB; ++j)
+              if (j < n) row[j] += gi * to_float(xt[j * C + c]);
+          }
+          // partial's rows are K ≥ NB floats: viewed as [kWarps][NB] for this sum.
+          block_sum_to<NB>(row, reinterpret_cast<float(*)[NB]>(&partial[0][0]), dh_res + i * n, n);
+        }
+      }
+      __syncthreads();  // partial and token_scale are reused by the next token
+    }
+  }
+
+  float* dw = a.out<float>(kGradNormWeight) + int64_t(blockIdx.x) * C;
+  for (int64_t c = c0; c < C; c += cstep)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) dw[c + v] = sdw[c + v];
+}
+
+template <typename T, int N, int HIDDEN, int TM, BwdOp OP, bool DYN>
+int launch_layer_backward(const Args& a) {
+  if (a.n < 1 || a.n > kMaxN || (N && a.n != N)) return kBadN;
+  if (HIDDEN && a.hidden != HIDDEN) return kBadHidden;
+  if (a.tokens == 0 || a.hidden == 0) return kOk;
+  if (!a.p[kGradU] && !a.p[kGradUF32]) return kMissingInput;
+  if (DYN && (!a.p[kZIn] || !a.p[kRIn])) return kMissingInput;
+  const stream_t stream = static_cast<stream_t>(a.stream);
+  constexpr int VEC = vec_width<T, n_bound<N>()>();
+  const int vb = VEC * int(sizeof(T));
+  const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) &&
+                      aligned_to(a.p[kGradOut], vb) && aligned_to(a.p[kGradX], vb) &&
+                      aligned_to(a.p[kGradU], vb) && aligned_to(a.p[kGradUF32], VEC * 4) &&
+                      aligned_to(a.p[kNormWeight], VEC * 4);
+  const size_t smem = size_t(layer_bwd_smem_floats(a.hidden)) * sizeof(float);
+  const unsigned blocks = unsigned(a.splits < 1 ? 1 : a.splits);
+  auto kernel = vec_ok ? layer_bwd_kernel<T, N, HIDDEN, TM, DYN, VEC>
+                       : layer_bwd_kernel<T, N, HIDDEN, TM, DYN, 1>;
+  const error_t err = set_dynamic_smem(kernel, smem);
+  if (err != kSuccess) return int(err);
+  kernel<<<blocks, kThreads, smem, stream>>>(a);
+  return int(last_error());
+}
+
+}  // namespace mhc
