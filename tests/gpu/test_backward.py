@@ -193,7 +193,7 @@ def test_backward_variant(name, data):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
 @given(
     n=st.sampled_from([1, 3, 4, 5, 8, 32]),
-    c=st.sampled_from([1, 7, 64, 100, 1280]),
+    c=st.sampled_from([1, 7, 64, 100, 1280, 4100]),  # 4100: > 48 KB of shared memory
     t=st.integers(1, 17),
     seed=st.integers(0, 2**31 - 1),
     alpha=st.sampled_from([0.01, 1.0]),
@@ -202,6 +202,8 @@ def test_backward_variant(name, data):
 def test_layer_gradients(fused, dtype, dynamic, n, c, t, seed, alpha):
     if n == 32 and c > 100:
         c = 100
+    if n * c * t > 300_000:  # the float64 reference on the CPU
+        t = 300_000 // (n * c)
     if dynamic and n * c < 8:  # see _case: ∂x is O(eps) there
         c = -(-8 // n)
     if c == 1 and dtype != torch.float32:

@@ -37,10 +37,10 @@ using stream_t = hipStream_t;
 using error_t = hipError_t;
 constexpr error_t kSuccess = hipSuccess;
 inline error_t last_error() { return hipGetLastError(); }
-// Opts a kernel in to more than the default 48 KB of dynamic shared memory.
+// Lets a kernel take `bytes` of dynamic shared memory (past 48 KB with its static
+// shared memory needs an opt-in).
 template <typename K>
 inline error_t set_dynamic_smem(K* kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return hipSuccess;
   return hipFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                              hipFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
@@ -57,10 +57,10 @@ using stream_t = cudaStream_t;
 using error_t = cudaError_t;
 constexpr error_t kSuccess = cudaSuccess;
 inline error_t last_error() { return cudaGetLastError(); }
-// Opts a kernel in to more than the default 48 KB of dynamic shared memory.
+// Lets a kernel take `bytes` of dynamic shared memory (past 48 KB with its static
+// shared memory needs an opt-in).
 template <typename K>
 inline error_t set_dynamic_smem(K* kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 MHC_DEV float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
