@@ -377,14 +377,13 @@ def _rms_norm_backward(dy, u32, s, weight):
     return du, (dy.float() * u32 * s).sum(0)
 
 
-def _pre_backward_inputs(x, du, dx_post):
+def _pre_backward_inputs(x, du32, dx_post):
     """(x, ∂u, ∂x_post) for pre's backward kernel in the seed layer's backward. ∂u from
     RMSNorm's backward scales with eps/(u² + eps) and can sit far below fp16's smallest
-    normal (6e-5): fp16 runs the fp32 kernel on fp32 copies rather than flush ∂u to zero
-    (∂u then comes in fp32)."""
+    normal (6e-5): fp16 runs the fp32 kernel on fp32 copies rather than flush ∂u to zero."""
     if x.dtype == torch.float16:
-        return x.float(), du.float(), dx_post.float()
-    return x, du.to(x.dtype), dx_post
+        return x.float(), du32, dx_post.float()
+    return x, du32.to(x.dtype), dx_post
 
 
 # Blocks an SM of the fused layer backward (its hot variant's registers allow two).
@@ -404,50 +403,50 @@ def _fused_layer_backward(x) -> bool:
 
 
 def _layer_front_backward(op, grad, x, weight, iters, eps_rms, eps_sk, post_mult, **coeffs):
-    """(∂x_post, ∂u, ∂H_post, ∂H_res, ∂w) of the seed layer from its output gradient: one
-    kernel (mhc/layer_backward.cuh). ∂u is fp32 for fp16 x, else x's dtype; ∂H per token."""
+    """(∂x, ∂H_pre, ∂H_post, ∂H_res, ∂w) of the seed layer from its output gradient, all
+    but the path through z (mhc/layer_backward.cuh): ∂x = H_resᵀ·G + H_preᵀ·∂u, ∂H per
+    token. ∂u stays in the kernel, in fp32."""
     t, n, c = _dims(x)
     dev = x.device
-    dx_post = empty(x.shape, x.dtype, dev)
-    du = empty((t, c), torch.float32 if x.dtype == torch.float16 else x.dtype, dev)
+    dx = empty(x.shape, x.dtype, dev)
+    dh_pre = empty((t, n), torch.float32, dev)
     dh_post = empty((t, n), torch.float32, dev)
     dh_res = empty((t, n, n), torch.float32, dev)
     splits = max(1, min(t, _LAYER_BWD_BLOCKS_PER_SM * _sm_count(dev)))
     dw_rows = empty((splits, c), torch.float32, dev)
-    f32_u = du.dtype != x.dtype
     launch(op, dev, DTYPES[x.dtype], n=n, hidden=c, tokens=t, sinkhorn_iters=iters,
            eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult, splits=splits, x=x,
-           grad_out=grad, norm_weight=weight, grad_x=dx_post, grad_u=None if f32_u else du,
-           grad_u_f32=du if f32_u else None, grad_h_post=dh_post, grad_h_res=dh_res,
-           grad_norm_weight=dw_rows, **coeffs)  # fmt: skip
-    return dx_post, du, dh_post, dh_res, dw_rows.sum(0)
+           grad_out=grad, norm_weight=weight, grad_x=dx, grad_h_pre=dh_pre,
+           grad_h_post=dh_post, grad_h_res=dh_res, grad_norm_weight=dw_rows,
+           **coeffs)  # fmt: skip
+    return dx, dh_pre, dh_post, dh_res, dw_rows.sum(0)
 
 
 def layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms, eps_sk,
                            post_mult):  # fmt: skip
     """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer: the fused front (H from the saved z and r,
-    no second projection), then pre's backward, which adds post's ∂x in its pass."""
+    no second projection), then pre's backward for the path through z, which adds the
+    front's ∂x in its pass."""
     t, n, c = _dims(x)
     weight = weight.float()
-    if t and _fused_layer_backward(x):
-        dx_post, du, dh_post, dh_res, dweight = _layer_front_backward(
-            Op.LAYER_BWD_DYN, grad, x, weight, iters, eps_rms, eps_sk, post_mult, z_in=z,
-            r_in=r, alpha=alpha, bias=b)  # fmt: skip
-    else:
-        dx_post, du, dh_post, dh_res, dweight = _layer_dynamic_front_unfused(
-            grad, x, weight, phi, alpha, b, z, r, iters, eps_rms, eps_sk, post_mult)  # fmt: skip
-    xp, du, dx_post = _pre_backward_inputs(x, du, dx_post)
-    dx, dphi, dalpha, db = pre_dynamic_backward(du, None, dh_post, dh_res, xp, z, r, phi, alpha,
-                                                b, iters, eps_rms, eps_sk, post_mult,
-                                                grad_x_in=dx_post)  # fmt: skip
-    return dx.to(x.dtype), dweight, dphi, dalpha, db
+    if not (t and _fused_layer_backward(x)):
+        return _layer_dynamic_backward_unfused(grad, x, weight, phi, alpha, b, z, r, iters,
+                                               eps_rms, eps_sk, post_mult)  # fmt: skip
+    dx_front, dh_pre, dh_post, dh_res, dweight = _layer_front_backward(
+        Op.LAYER_BWD_DYN, grad, x, weight, iters, eps_rms, eps_sk, post_mult, z_in=z, r_in=r,
+        alpha=alpha, bias=b)  # fmt: skip
+    dx, dphi, dalpha, db = pre_dynamic_backward(None, dh_pre, dh_post, dh_res, x, z, r, phi,
+                                                alpha, b, iters, eps_rms, eps_sk, post_mult,
+                                                grad_x_in=dx_front)  # fmt: skip
+    return dx, dweight, dphi, dalpha, db
 
 
-def _layer_dynamic_front_unfused(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms, eps_sk,
-                                 post_mult):  # fmt: skip
-    """_layer_front_backward in steps (C too large for the fused kernel's shared memory): H
-    and u (fp32, as the fused forward has it) in one pass over x from the saved z and r;
-    RMSNorm's backward on [T, C] in fp32; post's backward reads y in fp32."""
+def _layer_dynamic_backward_unfused(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms,
+                                    eps_sk, post_mult):  # fmt: skip
+    """layer_dynamic_backward in steps (C too large for the fused kernel's shared memory):
+    H and u (fp32, as the fused forward has it) in one pass over x from the saved z and r;
+    RMSNorm's backward on [T, C] in fp32; post's backward reads y in fp32; its ∂x is added
+    inside pre's backward kernel."""
     t, n, c = _dims(x)
     u32 = empty((t, c), torch.float32, x.device)
     h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
@@ -459,26 +458,32 @@ def _layer_dynamic_front_unfused(grad, x, weight, phi, alpha, b, z, r, iters, ep
     s, y32 = _rms_norm(u32, weight, eps_rms)
     dx_post, dy, dh_post, dh_res = post_dynamic_backward(grad, x, None, h_post, h_res, y32)
     du, dweight = _rms_norm_backward(dy, u32, s, weight)
-    return dx_post, du, dh_post, dh_res, dweight
+    xp, du, dx_post = _pre_backward_inputs(x, du, dx_post)
+    dx, dphi, dalpha, db = pre_dynamic_backward(du, None, dh_post, dh_res, xp, z, r, phi, alpha,
+                                                b, iters, eps_rms, eps_sk, post_mult,
+                                                grad_x_in=dx_post)  # fmt: skip
+    return dx.to(x.dtype), dweight, dphi, dalpha, db
 
 
 def layer_static_backward(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult):
-    """(∂x, ∂w, ∂b) of the seed's layer with static H, as layer_dynamic_backward."""
+    """(∂x, ∂w, ∂b) of the seed's layer with static H: the fused front gives ∂x whole
+    (no path through z); else in steps, as _layer_dynamic_backward_unfused."""
     t, n, c = _dims(x)
     weight = weight.float()
     if t and _fused_layer_backward(x):
-        dx_post, du, dh_post, dh_res, dweight = _layer_front_backward(
+        dx, dh_pre, dh_post, dh_res, dweight = _layer_front_backward(
             Op.LAYER_BWD_STATIC, grad, x, weight, iters, eps_rms, eps_sk, post_mult, bias=b
         )
-        dh_post, dh_res = dh_post.sum(0), dh_res.sum(0)
+        dh_pre, dh_post, dh_res = dh_pre.sum(0), dh_post.sum(0), dh_res.sum(0)
     else:
         u32 = pre_static(x, b, iters, eps_sk, post_mult, u_fp32=True)
         s, y32 = _rms_norm(u32, weight, eps_rms)
         dx_post, dy, dh_post, dh_res = _post_static_grads(grad, x, None, b, iters, eps_sk,
                                                           post_mult, y32)  # fmt: skip
         du, dweight = _rms_norm_backward(dy, u32, s, weight)
-    xp, du, dx_post = _pre_backward_inputs(x, du, dx_post)
-    dx, dh_pre = _pre_static_grads(du, xp, b, iters, eps_sk, post_mult, dx_post)
+        xp, du, dx_post = _pre_backward_inputs(x, du, dx_post)
+        dx, dh_pre = _pre_static_grads(du, xp, b, iters, eps_sk, post_mult, dx_post)
+        dx = dx.to(x.dtype)
     # One coefficient backward for both uses of the static H (pre's and post's ∂H together).
     db = static_coefficients_backward(dh_pre, dh_post, dh_res, b, n, iters, eps_sk, post_mult)
-    return dx.to(x.dtype), dweight, db
+    return dx, dweight, db

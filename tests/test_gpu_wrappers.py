@@ -12,7 +12,7 @@ from generator.render import INCLUDE
 from generator.spec import DType, Op
 from mhc_gen import gpu
 from mhc_gen import reference as R
-from mhc_gen._launch import POINTERS
+from mhc_gen._launch import DTYPES, POINTERS
 
 T, N, C = 5, 3, 8
 
@@ -104,34 +104,45 @@ def test_pointer_names_cover_every_enumerator():
         assert name.replace("_", "") == enumerator[1:].lower()
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_fp16_layer_backward_runs_pre_backward_in_fp32(monkeypatch, fused):
-    """∂u of the layer's RMSNorm can underflow fp16: pre's backward runs on fp32 copies."""
+def _layer_backward_calls(monkeypatch, fused, dtype):
     calls = []
-    monkeypatch.setattr(
-        gpu, "launch", lambda op, device, dtype, **kw: calls.append((op, dtype, kw))
-    )
+    monkeypatch.setattr(gpu, "launch", lambda op, device, dt, **kw: calls.append((op, dt, kw)))
     monkeypatch.setattr(gpu, "_phi_splits", lambda t, k, device: 1)
     monkeypatch.setattr(gpu, "_sm_count", lambda device: 2)
     monkeypatch.setattr(gpu, "_fused_layer_backward", lambda x: fused)
-    v = _inputs(torch.float16)
+    v = _inputs(dtype)
     z, r = torch.randn(T, R.num_logits(N)), torch.rand(T) + 1
-    g = torch.randn(T, N, C).half()
+    g = torch.randn(T, N, C).to(dtype)
     w = torch.ones(C)
     dx, *_ = gpu.layer_dynamic_backward(g, v["x"], w, v["phi"], v["alpha"], v["b"], z, r, 20,
                                         1e-6, 1e-6, 2)  # fmt: skip
     dx_static, *_ = gpu.layer_static_backward(g, v["x"], w, v["b"], 20, 1e-6, 1e-6, 2)
-    assert dx.dtype == dx_static.dtype == torch.float16
-    dtypes = [(op, dtype) for op, dtype, _ in calls]
+    assert dx.dtype == dx_static.dtype == dtype
+    return calls
+
+
+def test_fp16_layer_backward_runs_pre_backward_in_fp32(monkeypatch):
+    """Unfused, ∂u of the layer's RMSNorm is a tensor, and in fp16 it can underflow: pre's
+    backward runs on fp32 copies."""
+    dtypes = [(op, dt) for op, dt, _ in _layer_backward_calls(monkeypatch, False, torch.float16)]
     assert (Op.PRE_BWD_DYN, DType.FP32) in dtypes and (Op.PRE_BWD_STATIC, DType.FP32) in dtypes
-    if fused:
-        fronts = [kw for op, dtype, kw in calls if op in (Op.LAYER_BWD_DYN, Op.LAYER_BWD_STATIC)]
-        assert len(fronts) == 2
-        for kw in fronts:  # ∂u in fp32, the ∂w rows one a block
-            assert kw["grad_u"] is None and kw["grad_u_f32"].dtype == torch.float32
-            assert kw["grad_norm_weight"].shape == (kw["splits"], C)
-    else:
-        assert (Op.POST_BWD_DYN, DType.FP16) in dtypes
+    assert (Op.POST_BWD_DYN, DType.FP16) in dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_layer_backward_keeps_du_in_the_kernel(monkeypatch, dtype):
+    """Fused, ∂u never leaves the front kernel: pre's backward (dynamic H only) runs in x's
+    dtype on the path through z, and ∂w comes as one row a block."""
+    calls = _layer_backward_calls(monkeypatch, True, dtype)
+    ops = [op for op, _, _ in calls]
+    # (∂φ by the kernel: these are CPU tensors, and cuBLAS serves only CUDA ones)
+    assert ops == [Op.LAYER_BWD_DYN, Op.PRE_BWD_DYN, Op.PHI_GRAD_DYN, Op.LAYER_BWD_STATIC,
+                   Op.COEFFS_BWD_STATIC]  # fmt: skip
+    pre = calls[1]
+    assert pre[1] is DTYPES[dtype] and pre[2]["grad_out"] is None
+    assert pre[2]["grad_x_in"] is calls[0][2]["grad_x"]
+    for _, _, kw in (calls[0], calls[3]):
+        assert kw["grad_norm_weight"].shape == (kw["splits"], C)
 
 
 def test_gemm_projection_leaves_r_to_the_kernel(monkeypatch):

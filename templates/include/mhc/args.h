@@ -54,8 +54,6 @@ enum Ptr : int {
   kGradZ,         // [T, m] fp32 ∂z = α·∂h̃/r (pre backward, for ∂φ); may be null
   kGradAlphaTok,  // [T, 3] fp32 per-token ∂α (pre backward; summed over tokens later); may be null
   kGradPhi,       // [n·C, m] fp32
-  kGradU,         // [T, C] variant dtype: ∂u of the seed layer's RMSNorm input (layer backward)
-  kGradUF32,      // [T, C] fp32 ∂u instead of kGradU (fp16 x: ∂u can fall below fp16's range)
   kGradNormWeight,  // [splits, C] fp32 per-block partial ∂w of the seed layer's RMSNorm
   kScratch,         // [T, max(iters, 1), 2, n] fp32 Sinkhorn divisors; pre's dynamic
                     // backward then keeps H_pre and ∂r per token there

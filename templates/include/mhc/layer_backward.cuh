@@ -1,12 +1,16 @@
-// The seed layer's backward up to pre's, in one kernel:
+// The seed layer's backward but for the coefficients' own (H from z), in one kernel:
 //   x_next = H_res·x + H_postᵀ·y,  y = u·s·w,  u = H_pre·x,  s = 1/rms(u).
 // Per token, from x and G = ∂x_next, with H from the saved z and r (dynamic) or the logits:
 //   pass 1  u into shared memory; Σu² gives s
-//   pass 2  y; ∂y = H_postᵀ·G; ∂x_post = H_resᵀ·G (written); ∂H_post = G·y, ∂H_res = G·xᵀ
-//           (token sums, written); g = ∂y·w into shared memory; Σ g·u; ∂w += ∂y·u·s
-//   pass 3  ∂u = s·g − u·s³·mean(g·u) (written: pre's backward takes it from here)
-// It replaces the recompute of u, RMSNorm's forward and backward, post's backward and the
-// casts between them, which together read and wrote [T, C] and [T, n, C] tensors seven times.
+//   pass 2  y; ∂y = H_postᵀ·G; ∂H_post = G·y (written); g = ∂y·w into shared memory;
+//           Σ g·u; ∂w += ∂y·u·s
+//   pass 3  ∂u = s·g − u·s³·mean(g·u), never rounded: ∂x = H_resᵀ·G + H_preᵀ·∂u (written),
+//           ∂H_res = G·xᵀ and ∂H_pre = ∂u·xᵀ (written). G and x come from L2 again.
+// ∂H_pre is a near-cancelling sum (RMSNorm is scale-invariant, so ∂u ⟂ u up to eps): from
+// ∂u rounded to bf16 it lost all accuracy at n = 1. The kernel replaces the recompute of u,
+// RMSNorm's forward and backward, post's backward and the casts between them, which read
+// and wrote [T, C] and [T, n, C] tensors seven times; pre's backward then adds ∂z·φᵀ and
+// ∂r·x̄ to ∂x (dynamic H) or is not needed (static H).
 //
 // A block walks token groups blockIdx.x, + gridDim.x, ...: each thread owns the same
 // channels in every pass and token, so u, g and its ∂w partial stay in shared memory
@@ -27,10 +31,12 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
   constexpr int NB = n_bound<N>();
   constexpr bool kSmallN = NB * NB <= 64;  // ∂H_res accumulated in pass 2
   constexpr int SLOTS = DYN ? TM : 1;
-  constexpr int K = NB + (kSmallN ? NB * NB : 0) + 1;  // ∂H_post, ∂H_res, Σ g·u
+  constexpr int K2 = NB + 1;                        // pass 2 sums: ∂H_post, Σ g·u
+  constexpr int K3 = NB + (kSmallN ? NB * NB : 0);  // pass 3 sums: ∂H_pre, ∂H_res
+  constexpr int K = K2 > K3 ? K2 : K3;
   __shared__ Shared<NB, TM, SLOTS> s;
-  __shared__ float partial[kWarps][K];
-  __shared__ float token_scale[2];  // s, then s³·mean(g·u)
+  __shared__ float partial[kWarps][K];  // viewed as [kWarps][K2], [kWarps][K3], [kWarps][NB]
+  __shared__ float token_scale[2];      // s, then s³·mean(g·u)
   extern __shared__ float4 dynamic_smem[];
   const int n = N ? N : a.n;
   const int64_t C = HIDDEN ? HIDDEN : a.hidden;
@@ -45,8 +51,6 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
   const T* grad = a.in<T>(kGradOut);
   const float* w = a.in<float>(kNormWeight);
   T* dx = a.out<T>(kGradX);
-  T* du = a.out<T>(kGradU);
-  float* du32 = a.out<float>(kGradUF32);
 
   for (int64_t c = c0; c < C; c += cstep)
 #pragma unroll
@@ -107,17 +111,15 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
       }
       const float scale = token_scale[0];
 
-      // Pass 2: post's backward with y recomputed, g = ∂y·w, Σ g·u and ∂w.
-      float acc[K];
+      // Pass 2: y recomputed; ∂y, ∂H_post, g = ∂y·w, Σ g·u and ∂w.
+      float acc2[K2];
 #pragma unroll
-      for (int k = 0; k < K; ++k) acc[k] = 0.0f;
+      for (int k = 0; k < K2; ++k) acc2[k] = 0.0f;
       for (int64_t c = c0; c < C; c += cstep) {
-        float gs[NB][VEC], uv[VEC], wv[VEC], yv[VEC], dy[VEC];
+        float gs[NB][VEC], uv[VEC], wv[VEC], dy[VEC];
 #pragma unroll
         for (int v = 0; v < VEC; ++v) uv[v] = su[c + v];
         load_pack<float, VEC>(w + c, wv);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) yv[v] = uv[v] * scale * wv[v];
 #pragma unroll
         for (int i = 0; i < NB; ++i)
           if (i < n) load_pack<T, VEC>(gt + i * C + c, gs[i]);
@@ -129,67 +131,72 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
               dy[v] += s.h_post[hs][i] * gs[i][v];
-              acc[i] += gs[i][v] * yv[v];
+              acc2[i] += gs[i][v] * (uv[v] * scale * wv[v]);  // G·y
             }
           }
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
           const float g = dy[v] * wv[v];
           sg[c + v] = g;
-          acc[K - 1] += g * uv[v];
+          acc2[NB] += g * uv[v];
           sdw[c + v] += dy[v] * uv[v] * scale;
         }
-        // ∂x_post[j] = Σ_i H_res[i][j]·G[i]
+      }
+      warp_partials<K2>(acc2, reinterpret_cast<float(*)[K2]>(&partial[0][0]));
+      const float(*p2)[K2] = reinterpret_cast<const float(*)[K2]>(&partial[0][0]);
+      for (int k = threadIdx.x; k < n; k += kThreads)
+        a.out<float>(kGradHPost)[tok * n + k] = sum_partials<K2>(p2, k);
+      if (threadIdx.x == 0)
+        token_scale[1] = scale * scale * scale * sum_partials<K2>(p2, NB) / float(C);
+      __syncthreads();
+      const float k_u = token_scale[1];
+
+      // Pass 3: ∂u; ∂x = H_resᵀ·G + H_preᵀ·∂u; ∂H_pre = ∂u·xᵀ; ∂H_res = G·xᵀ (small n).
+      float acc3[K3];
+#pragma unroll
+      for (int k = 0; k < K3; ++k) acc3[k] = 0.0f;
+      for (int64_t c = c0; c < C; c += cstep) {
+        float gs[NB][VEC], du[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) du[v] = scale * sg[c + v] - su[c + v] * k_u;
+#pragma unroll
+        for (int i = 0; i < NB; ++i)
+          if (i < n) load_pack<T, VEC>(gt + i * C + c, gs[i]);
         constexpr int kColUnroll = NB <= 8 ? NB : 1;
 #pragma unroll kColUnroll
         for (int j = 0; j < NB; ++j)
           if (j < n) {
-            float o[VEC];
+            float xv[VEC], o[VEC];
+            load_pack<T, VEC>(xt + j * C + c, xv);
 #pragma unroll
-            for (int v = 0; v < VEC; ++v) o[v] = 0.0f;
+            for (int v = 0; v < VEC; ++v) {
+              o[v] = 0.0f;
+              acc3[j] += du[v] * xv[v];
+            }
 #pragma unroll
             for (int i = 0; i < NB; ++i)
               if (i < n) {
 #pragma unroll
                 for (int v = 0; v < VEC; ++v) o[v] += s.h_res[hs][i][j] * gs[i][v];
-              }
-            store_pack<T, VEC>(dx + tok * token_elems + j * C + c, o);
-            if constexpr (kSmallN) {
-              float xv[VEC];
-              load_pack<T, VEC>(xt + j * C + c, xv);
+                if constexpr (kSmallN) {
 #pragma unroll
-              for (int i = 0; i < NB; ++i)
-                if (i < n) {
-#pragma unroll
-                  for (int v = 0; v < VEC; ++v) acc[NB + i * NB + j] += gs[i][v] * xv[v];
+                  for (int v = 0; v < VEC; ++v) acc3[NB + i * NB + j] += gs[i][v] * xv[v];
                 }
-            }
+              }
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) o[v] += s.h_pre[hs][j] * du[v];
+            store_pack<T, VEC>(dx + tok * token_elems + j * C + c, o);
           }
       }
-      warp_partials<K>(acc, partial);
-      float* dh_post = a.out<float>(kGradHPost) + tok * n;
+      warp_partials<K3>(acc3, reinterpret_cast<float(*)[K3]>(&partial[0][0]));
+      const float(*p3)[K3] = reinterpret_cast<const float(*)[K3]>(&partial[0][0]);
       float* dh_res = a.out<float>(kGradHRes) + tok * n * n;
-      for (int k = threadIdx.x; k < n; k += kThreads) dh_post[k] = sum_partials<K>(partial, k);
+      for (int k = threadIdx.x; k < n; k += kThreads)
+        a.out<float>(kGradHPre)[tok * n + k] = sum_partials<K3>(p3, k);
       if constexpr (kSmallN)
         for (int k = threadIdx.x; k < n * n; k += kThreads)
-          dh_res[k] = sum_partials<K>(partial, NB + (k / n) * NB + k % n);
-      if (threadIdx.x == 0) {
-        const float dot = sum_partials<K>(partial, K - 1);
-        token_scale[1] = scale * scale * scale * dot / float(C);
-      }
+          dh_res[k] = sum_partials<K3>(p3, NB + (k / n) * NB + k % n);
       __syncthreads();
-      const float k_u = token_scale[1];
-
-      // Pass 3: ∂u = s·g − u·s³·mean(g·u).
-      for (int64_t c = c0; c < C; c += cstep) {
-        float d[VEC];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) d[v] = scale * sg[c + v] - su[c + v] * k_u;
-        if (du32)
-          store_pack<float, VEC>(du32 + tok * C + c, d);
-        else
-          store_pack<T, VEC>(du + tok * C + c, d);
-      }
 
       if constexpr (!kSmallN) {
         // Large n: one row of ∂H_res per pass over C keeps NB accumulators (as post's).
@@ -222,14 +229,15 @@ int launch_layer_backward(const Args& a) {
   if (a.n < 1 || a.n > kMaxN || (N && a.n != N)) return kBadN;
   if (HIDDEN && a.hidden != HIDDEN) return kBadHidden;
   if (a.tokens == 0 || a.hidden == 0) return kOk;
-  if (!a.p[kGradU] && !a.p[kGradUF32]) return kMissingInput;
+  if (!a.p[kGradX] || !a.p[kGradHPre] || !a.p[kGradHPost] || !a.p[kGradHRes] ||
+      !a.p[kGradNormWeight])
+    return kMissingInput;
   if (DYN && (!a.p[kZIn] || !a.p[kRIn])) return kMissingInput;
   const stream_t stream = static_cast<stream_t>(a.stream);
   constexpr int VEC = vec_width<T, n_bound<N>()>();
   const int vb = VEC * int(sizeof(T));
   const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) &&
                       aligned_to(a.p[kGradOut], vb) && aligned_to(a.p[kGradX], vb) &&
-                      aligned_to(a.p[kGradU], vb) && aligned_to(a.p[kGradUF32], VEC * 4) &&
                       aligned_to(a.p[kNormWeight], VEC * 4);
   const size_t smem = size_t(layer_bwd_smem_floats(a.hidden)) * sizeof(float);
   const unsigned blocks = unsigned(a.splits < 1 ? 1 : a.splits);
