@@ -198,8 +198,8 @@ def test_backward_variant(name, data):
     seed=st.integers(0, 2**31 - 1),
     alpha=st.sampled_from([0.01, 1.0]),
 )
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_layer_gradients(fused, dtype, dynamic, n, c, t, seed, alpha):
+@pytest.mark.parametrize("path", ["fused", "fused_2_blocks", "unfused"])
+def test_layer_gradients(path, dtype, dynamic, n, c, t, seed, alpha):
     if n == 32 and c > 100:
         c = 100
     if n * c * t > 300_000:  # the float64 reference on the CPU
@@ -218,6 +218,11 @@ def test_layer_gradients(fused, dtype, dynamic, n, c, t, seed, alpha):
         fn = lambda u: mhc_gen.layer_static(u["x"], u["w"], u["b"])  # noqa: E731
         ref = lambda u: R.layer_static(u["x"], u["w"], u["b"])  # noqa: E731
         names = ("x", "w", "b")
-    # unfused: the path for C too large for the fused front kernel's shared memory.
-    with mock.patch.object(gpu, "_fused_layer_backward", lambda x: fused):
+    # unfused: the path for C too large for the fused front kernel's shared memory;
+    # fused_2_blocks: two blocks walk every token group (as at large T).
+    sm_count = (lambda d: 1) if path == "fused_2_blocks" else gpu._sm_count
+    with (
+        mock.patch.object(gpu, "_fused_layer_backward", lambda x: path != "unfused"),
+        mock.patch.object(gpu, "_sm_count", sm_count),
+    ):
         _check(fn, ref, names, v, dtype, seed + 1, f"layer {'dyn' if dynamic else 'static'}")
