@@ -80,15 +80,6 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
       const int64_t tok = t0 + t;
       const T* xt = x + tok * token_elems;
       const T* gt = grad + tok * token_elems;
-      // The block's next token's x and G into L2 now, so that its passes wait on L2 rather
-      // than DRAM: the passes are a chain of block barriers with few loads in flight.
-      const int64_t next = t + 1 < nt ? tok + 1 : (grp + gridDim.x) * TM;
-      if (next < a.tokens)
-        for (int64_t c = c0; c < C; c += cstep)
-          for (int j = 0; j < n; ++j) {
-            prefetch_l2(x + next * token_elems + j * C + c);
-            prefetch_l2(grad + next * token_elems + j * C + c);
-          }
 
       // Pass 1: u = H_pre·x (the forward's order of additions), Σu².
       float sq = 0.0f;

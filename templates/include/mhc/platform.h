@@ -45,7 +45,6 @@ inline error_t set_dynamic_smem(K* kernel, size_t bytes) {
                              hipFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 MHC_DEV float shfl_xor(float v, int o) { return __shfl_xor(v, o); }
-MHC_DEV void prefetch_l2(const void*) {}  // a hint only: AMD has no such instruction here
 // A wavefront runs in lock step; the fences order its shared-memory traffic.
 MHC_DEV void sync_warp() {
   __builtin_amdgcn_fence(__ATOMIC_RELEASE, "wavefront");
@@ -65,8 +64,6 @@ inline error_t set_dynamic_smem(K* kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 MHC_DEV float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
-// Asks L2 to fetch the line holding p; takes no register and never waits.
-MHC_DEV void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 MHC_DEV void sync_warp() { __syncwarp(); }
 #endif
 
