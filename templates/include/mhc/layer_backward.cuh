@@ -31,9 +31,9 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
   constexpr int NB = n_bound<N>();
   constexpr bool kSmallN = NB * NB <= 64;  // ∂H_res accumulated in pass 2
   constexpr int SLOTS = DYN ? TM : 1;
-  constexpr int K2 = NB + 1;                        // pass 2 sums: ∂H_post, Σ g·u
-  constexpr int K3 = NB + (kSmallN ? NB * NB : 0);  // pass 3 sums: ∂H_pre, ∂H_res
-  constexpr int K = K2 > K3 ? K2 : K3;
+  constexpr int K2 = NB + 1;        // pass 2 sums: ∂H_post, Σ g·u
+  constexpr int K3 = NB + NB * NB;  // pass 3 sums (small n): ∂H_pre, ∂H_res
+  constexpr int K = kSmallN && K3 > K2 ? K3 : K2;
   __shared__ Shared<NB, TM, SLOTS> s;
   __shared__ float partial[kWarps][K];  // viewed as [kWarps][K2], [kWarps][K3], [kWarps][NB]
   __shared__ float token_scale[2];      // s, then s³·mean(g·u)
@@ -116,22 +116,21 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
 #pragma unroll
       for (int k = 0; k < K2; ++k) acc2[k] = 0.0f;
       for (int64_t c = c0; c < C; c += cstep) {
-        float gs[NB][VEC], uv[VEC], wv[VEC], dy[VEC];
+        float uv[VEC], wv[VEC], dy[VEC];
 #pragma unroll
         for (int v = 0; v < VEC; ++v) uv[v] = su[c + v];
         load_pack<float, VEC>(w + c, wv);
-#pragma unroll
-        for (int i = 0; i < NB; ++i)
-          if (i < n) load_pack<T, VEC>(gt + i * C + c, gs[i]);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) dy[v] = 0.0f;
 #pragma unroll
         for (int i = 0; i < NB; ++i)
           if (i < n) {
+            float gv[VEC];
+            load_pack<T, VEC>(gt + i * C + c, gv);
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
-              dy[v] += s.h_post[hs][i] * gs[i][v];
-              acc2[i] += gs[i][v] * (uv[v] * scale * wv[v]);  // G·y
+              dy[v] += s.h_post[hs][i] * gv[v];
+              acc2[i] += gv[v] * (uv[v] * scale * wv[v]);  // G·y
             }
           }
 #pragma unroll
@@ -151,10 +150,11 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
       __syncthreads();
       const float k_u = token_scale[1];
 
-      // Pass 3: ∂u; ∂x = H_resᵀ·G + H_preᵀ·∂u; ∂H_pre = ∂u·xᵀ; ∂H_res = G·xᵀ (small n).
-      float acc3[K3];
+      // Pass 3: ∂u; ∂x = H_resᵀ·G + H_preᵀ·∂u; for small n ∂H_pre = ∂u·xᵀ, ∂H_res = G·xᵀ
+      // (for large n the stream loop is not unrolled, so they take passes of their own).
+      float acc3[kSmallN ? K3 : 1];
 #pragma unroll
-      for (int k = 0; k < K3; ++k) acc3[k] = 0.0f;
+      for (int k = 0; k < (kSmallN ? K3 : 1); ++k) acc3[k] = 0.0f;
       for (int64_t c = c0; c < C; c += cstep) {
         float gs[NB][VEC], du[VEC];
 #pragma unroll
@@ -169,9 +169,10 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
             float xv[VEC], o[VEC];
             load_pack<T, VEC>(xt + j * C + c, xv);
 #pragma unroll
-            for (int v = 0; v < VEC; ++v) {
-              o[v] = 0.0f;
-              acc3[j] += du[v] * xv[v];
+            for (int v = 0; v < VEC; ++v) o[v] = 0.0f;
+            if constexpr (kSmallN) {
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) acc3[j] += du[v] * xv[v];
             }
 #pragma unroll
             for (int i = 0; i < NB; ++i)
@@ -188,30 +189,30 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
             store_pack<T, VEC>(dx + tok * token_elems + j * C + c, o);
           }
       }
-      warp_partials<K3>(acc3, reinterpret_cast<float(*)[K3]>(&partial[0][0]));
-      const float(*p3)[K3] = reinterpret_cast<const float(*)[K3]>(&partial[0][0]);
+      float* dh_pre = a.out<float>(kGradHPre) + tok * n;
       float* dh_res = a.out<float>(kGradHRes) + tok * n * n;
-      for (int k = threadIdx.x; k < n; k += kThreads)
-        a.out<float>(kGradHPre)[tok * n + k] = sum_partials<K3>(p3, k);
-      if constexpr (kSmallN)
+      if constexpr (kSmallN) {
+        warp_partials<K3>(acc3, reinterpret_cast<float(*)[K3]>(&partial[0][0]));
+        const float(*p3)[K3] = reinterpret_cast<const float(*)[K3]>(&partial[0][0]);
+        for (int k = threadIdx.x; k < n; k += kThreads) dh_pre[k] = sum_partials<K3>(p3, k);
         for (int k = threadIdx.x; k < n * n; k += kThreads)
           dh_res[k] = sum_partials<K3>(p3, NB + (k / n) * NB + k % n);
-      __syncthreads();
-
-      if constexpr (!kSmallN) {
-        // Large n: one row of ∂H_res per pass over C keeps NB accumulators (as post's).
-        for (int i = 0; i < n; ++i) {
+      } else {
+        // Large n: one row a pass over C keeps NB accumulators (as post's): rows i < n are
+        // ∂H_res[i] = G[i]·xᵀ, row n is ∂H_pre = ∂u·xᵀ (∂u again from u and g).
+        for (int i = 0; i <= n; ++i) {
           float row[NB];
 #pragma unroll
           for (int j = 0; j < NB; ++j) row[j] = 0.0f;
           for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-            const float gi = to_float(gt[i * C + c]);
+            const float gi = i < n ? to_float(gt[i * C + c]) : scale * sg[c] - su[c] * k_u;
 #pragma unroll
             for (int j = 0; j < NB; ++j)
               if (j < n) row[j] += gi * to_float(xt[j * C + c]);
           }
           // partial's rows are K ≥ NB floats: viewed as [kWarps][NB] for this sum.
-          block_sum_to<NB>(row, reinterpret_cast<float(*)[NB]>(&partial[0][0]), dh_res + i * n, n);
+          block_sum_to<NB>(row, reinterpret_cast<float(*)[NB]>(&partial[0][0]),
+                           i < n ? dh_res + i * n : dh_pre, n);
         }
       }
       __syncthreads();  // partial and token_scale are reused by the next token
