@@ -377,23 +377,14 @@ def _rms_norm_backward(dy, u32, s, weight):
     return du, (dy.float() * u32 * s).sum(0)
 
 
-def _pre_backward_inputs(x, du32, dx_post):
-    """(x, ∂u, ∂x_post) for pre's backward kernel in the seed layer's backward. ∂u from
-    RMSNorm's backward scales with eps/(u² + eps) and can sit far below fp16's smallest
-    normal (6e-5): fp16 runs the fp32 kernel on fp32 copies rather than flush ∂u to zero."""
-    if x.dtype == torch.float16:
-        return x.float(), du32, dx_post.float()
-    return x, du32.to(x.dtype), dx_post
-
-
 # Blocks an SM of the fused layer backward (its hot variant's registers allow two).
 _LAYER_BWD_BLOCKS_PER_SM = 2
 
 
 def _fused_layer_backward(x) -> bool:
     """Whether the seed layer's backward up to pre's runs as one kernel: where its u, g and
-    ∂w rows (3·C fp32) fit in a block's shared memory, else torch's RMSNorm between
-    mhc_gen's post and pre kernels."""
+    ∂w rows (3·C fp32) fit in a block's shared memory, else in steps (torch's RMSNorm
+    between mhc_gen's kernels)."""
     if not x.is_cuda:
         return False
     props = torch.cuda.get_device_properties(x.device)
@@ -402,88 +393,76 @@ def _fused_layer_backward(x) -> bool:
     return 12 * c4 + 16 * 1024 <= limit  # 16 KB: the kernel's static shared memory, at most
 
 
-def _layer_front_backward(op, grad, x, weight, iters, eps_rms, eps_sk, post_mult, **coeffs):
-    """(∂x, ∂H_pre, ∂H_post, ∂H_res, ∂w) of the seed layer from its output gradient, all
-    but the path through z (mhc/layer_backward.cuh): ∂x = H_resᵀ·G + H_preᵀ·∂u, ∂H per
-    token. ∂u stays in the kernel, in fp32."""
+def _layer_front(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult, z=None, r=None,
+                 phi=None, alpha=None):  # fmt: skip
+    """(∂x, ∂H_pre, ∂H_post, ∂H_res, ∂w) of the seed layer from its output gradient G, all
+    but the path through z: ∂x = H_resᵀ·G + H_preᵀ·∂u. ∂H per token for dynamic H (z and r
+    given: H from them), summed over tokens for static H. ∂u is never rounded to x's dtype:
+    ∂H_pre = ⟨∂u, x⟩ nearly cancels (RMSNorm is scale-invariant, so ∂u ⟂ u up to eps), and
+    from a bf16 ∂u it lost all accuracy at n = 1."""
     t, n, c = _dims(x)
-    dev = x.device
-    dx = empty(x.shape, x.dtype, dev)
-    dh_pre = empty((t, n), torch.float32, dev)
-    dh_post = empty((t, n), torch.float32, dev)
-    dh_res = empty((t, n, n), torch.float32, dev)
-    splits = max(1, min(t, _LAYER_BWD_BLOCKS_PER_SM * _sm_count(dev)))
-    dw_rows = empty((splits, c), torch.float32, dev)
-    launch(op, dev, DTYPES[x.dtype], n=n, hidden=c, tokens=t, sinkhorn_iters=iters,
-           eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult, splits=splits, x=x,
-           grad_out=grad, norm_weight=weight, grad_x=dx, grad_h_pre=dh_pre,
-           grad_h_post=dh_post, grad_h_res=dh_res, grad_norm_weight=dw_rows,
-           **coeffs)  # fmt: skip
-    return dx, dh_pre, dh_post, dh_res, dw_rows.sum(0)
+    dynamic = z is not None
+    if t and _fused_layer_backward(x):  # one kernel: mhc/layer_backward.cuh
+        dev = x.device
+        dx = empty(x.shape, x.dtype, dev)
+        dh_pre = empty((t, n), torch.float32, dev)
+        dh_post = empty((t, n), torch.float32, dev)
+        dh_res = empty((t, n, n), torch.float32, dev)
+        splits = max(1, min(t, _LAYER_BWD_BLOCKS_PER_SM * _sm_count(dev)))
+        dw_rows = empty((splits, c), torch.float32, dev)
+        op = Op.LAYER_BWD_DYN if dynamic else Op.LAYER_BWD_STATIC
+        launch(op, dev, DTYPES[x.dtype], n=n, hidden=c, tokens=t, sinkhorn_iters=iters,
+               eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult, splits=splits, x=x,
+               grad_out=grad, norm_weight=weight, bias=b, z_in=z, r_in=r, alpha=alpha,
+               grad_x=dx, grad_h_pre=dh_pre, grad_h_post=dh_post, grad_h_res=dh_res,
+               grad_norm_weight=dw_rows)  # fmt: skip
+        if not dynamic:
+            dh_pre, dh_post, dh_res = dh_pre.sum(0), dh_post.sum(0), dh_res.sum(0)
+        return dx, dh_pre, dh_post, dh_res, dw_rows.sum(0)
+    # In steps (C too large for the kernel's shared memory): u in fp32 as the fused forward
+    # has it, torch's RMSNorm, post's backward on y in fp32, then ∂u's two uses in fp32.
+    if dynamic:
+        u32 = empty((t, c), torch.float32, x.device)
+        h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
+        if t:
+            launch(Op.PRE_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
+                   sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
+                   x=x, phi=phi, alpha=alpha, bias=b, u_f32=u32, h_pre=h_pre, h_post=h_post,
+                   h_res=h_res, z_in=z, r_in=r)  # fmt: skip
+        s, y32 = _rms_norm(u32, weight, eps_rms)
+        dx_post, dy, dh_post, dh_res = post_dynamic_backward(grad, x, None, h_post, h_res, y32)
+    else:
+        h_pre = static_coefficients(b, n, iters, eps_sk, post_mult)[0].expand(t, n)
+        u32 = pre_static(x, b, iters, eps_sk, post_mult, u_fp32=True)
+        s, y32 = _rms_norm(u32, weight, eps_rms)
+        dx_post, dy, dh_post, dh_res = _post_static_grads(grad, x, None, b, iters, eps_sk,
+                                                          post_mult, y32)  # fmt: skip
+    du, dweight = _rms_norm_backward(dy, u32, s, weight)
+    xf = x.float()
+    dh_pre = (du[:, None, :] * xf).sum(-1)
+    dx = (dx_post.float() + h_pre[:, :, None] * du[:, None, :]).to(x.dtype)
+    return dx, dh_pre if dynamic else dh_pre.sum(0), dh_post, dh_res, dweight
 
 
 def layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms, eps_sk,
                            post_mult):  # fmt: skip
-    """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer: the fused front (H from the saved z and r,
-    no second projection), then pre's backward for the path through z, which adds the
-    front's ∂x in its pass."""
-    t, n, c = _dims(x)
-    weight = weight.float()
-    if not (t and _fused_layer_backward(x)):
-        return _layer_dynamic_backward_unfused(grad, x, weight, phi, alpha, b, z, r, iters,
-                                               eps_rms, eps_sk, post_mult)  # fmt: skip
-    dx_front, dh_pre, dh_post, dh_res, dweight = _layer_front_backward(
-        Op.LAYER_BWD_DYN, grad, x, weight, iters, eps_rms, eps_sk, post_mult, z_in=z, r_in=r,
-        alpha=alpha, bias=b)  # fmt: skip
+    """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer: its front (H from the saved z and r, no
+    second projection), then pre's backward for the path through z, which adds the front's
+    ∂x in its pass."""
+    dx_front, dh_pre, dh_post, dh_res, dweight = _layer_front(
+        grad, x, weight.float(), b, iters, eps_rms, eps_sk, post_mult, z=z, r=r, phi=phi,
+        alpha=alpha)  # fmt: skip
     dx, dphi, dalpha, db = pre_dynamic_backward(None, dh_pre, dh_post, dh_res, x, z, r, phi,
                                                 alpha, b, iters, eps_rms, eps_sk, post_mult,
                                                 grad_x_in=dx_front)  # fmt: skip
     return dx, dweight, dphi, dalpha, db
 
 
-def _layer_dynamic_backward_unfused(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms,
-                                    eps_sk, post_mult):  # fmt: skip
-    """layer_dynamic_backward in steps (C too large for the fused kernel's shared memory):
-    H and u (fp32, as the fused forward has it) in one pass over x from the saved z and r;
-    RMSNorm's backward on [T, C] in fp32; post's backward reads y in fp32; its ∂x is added
-    inside pre's backward kernel."""
-    t, n, c = _dims(x)
-    u32 = empty((t, c), torch.float32, x.device)
-    h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
-    if t:
-        launch(Op.PRE_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
-               sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
-               x=x, phi=phi, alpha=alpha, bias=b, u_f32=u32, h_pre=h_pre, h_post=h_post,
-               h_res=h_res, z_in=z, r_in=r)  # fmt: skip
-    s, y32 = _rms_norm(u32, weight, eps_rms)
-    dx_post, dy, dh_post, dh_res = post_dynamic_backward(grad, x, None, h_post, h_res, y32)
-    du, dweight = _rms_norm_backward(dy, u32, s, weight)
-    xp, du, dx_post = _pre_backward_inputs(x, du, dx_post)
-    dx, dphi, dalpha, db = pre_dynamic_backward(du, None, dh_post, dh_res, xp, z, r, phi, alpha,
-                                                b, iters, eps_rms, eps_sk, post_mult,
-                                                grad_x_in=dx_post)  # fmt: skip
-    return dx.to(x.dtype), dweight, dphi, dalpha, db
-
-
 def layer_static_backward(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult):
-    """(∂x, ∂w, ∂b) of the seed's layer with static H: the fused front gives ∂x whole
-    (no path through z); else in steps, as _layer_dynamic_backward_unfused."""
-    t, n, c = _dims(x)
-    weight = weight.float()
-    if t and _fused_layer_backward(x):
-        dx, dh_pre, dh_post, dh_res, dweight = _layer_front_backward(
-            Op.LAYER_BWD_STATIC, grad, x, weight, iters, eps_rms, eps_sk, post_mult, bias=b
-        )
-        dh_pre, dh_post, dh_res = dh_pre.sum(0), dh_post.sum(0), dh_res.sum(0)
-    else:
-        u32 = pre_static(x, b, iters, eps_sk, post_mult, u_fp32=True)
-        s, y32 = _rms_norm(u32, weight, eps_rms)
-        dx_post, dy, dh_post, dh_res = _post_static_grads(grad, x, None, b, iters, eps_sk,
-                                                          post_mult, y32)  # fmt: skip
-        du, dweight = _rms_norm_backward(dy, u32, s, weight)
-        xp, du, dx_post = _pre_backward_inputs(x, du, dx_post)
-        dx, dh_pre = _pre_static_grads(du, xp, b, iters, eps_sk, post_mult, dx_post)
-        dx = dx.to(x.dtype)
-    # One coefficient backward for both uses of the static H (pre's and post's ∂H together).
-    db = static_coefficients_backward(dh_pre, dh_post, dh_res, b, n, iters, eps_sk, post_mult)
+    """(∂x, ∂w, ∂b) of the seed's layer with static H: the front gives ∂x whole (no path
+    through z); one coefficient backward takes pre's and post's ∂H together."""
+    dx, dh_pre, dh_post, dh_res, dweight = _layer_front(grad, x, weight.float(), b, iters,
+                                                        eps_rms, eps_sk, post_mult)  # fmt: skip
+    db = static_coefficients_backward(dh_pre, dh_post, dh_res, b, x.shape[1], iters, eps_sk,
+                                      post_mult)  # fmt: skip
     return dx, dweight, db

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from generator.render import INCLUDE
-from generator.spec import DType, Op
+from generator.spec import Op
 from mhc_gen import gpu
 from mhc_gen import reference as R
 from mhc_gen._launch import DTYPES, POINTERS
@@ -121,28 +121,27 @@ def _layer_backward_calls(monkeypatch, fused, dtype):
     return calls
 
 
-def test_fp16_layer_backward_runs_pre_backward_in_fp32(monkeypatch):
-    """Unfused, ∂u of the layer's RMSNorm is a tensor, and in fp16 it can underflow: pre's
-    backward runs on fp32 copies."""
-    dtypes = [(op, dt) for op, dt, _ in _layer_backward_calls(monkeypatch, False, torch.float16)]
-    assert (Op.PRE_BWD_DYN, DType.FP32) in dtypes and (Op.PRE_BWD_STATIC, DType.FP32) in dtypes
-    assert (Op.POST_BWD_DYN, DType.FP16) in dtypes
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_layer_backward_keeps_du_in_the_kernel(monkeypatch, dtype):
-    """Fused, ∂u never leaves the front kernel: pre's backward (dynamic H only) runs in x's
-    dtype on the path through z, and ∂w comes as one row a block."""
-    calls = _layer_backward_calls(monkeypatch, True, dtype)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_layer_backward_keeps_du_in_fp32(monkeypatch, fused, dtype):
+    """∂u never goes through x's dtype (in fp16 it can underflow; in bf16 ∂H_pre = ⟨∂u, x⟩
+    lost all accuracy at n = 1): pre's backward (dynamic H only) runs in x's dtype on the
+    path through z alone, without ∂u; static H needs no pre backward."""
+    calls = _layer_backward_calls(monkeypatch, fused, dtype)
     ops = [op for op, _, _ in calls]
-    # (∂φ by the kernel: these are CPU tensors, and cuBLAS serves only CUDA ones)
-    assert ops == [Op.LAYER_BWD_DYN, Op.PRE_BWD_DYN, Op.PHI_GRAD_DYN, Op.LAYER_BWD_STATIC,
-                   Op.COEFFS_BWD_STATIC]  # fmt: skip
-    pre = calls[1]
+    assert Op.PRE_BWD_STATIC not in ops
+    (pre,) = [c for c in calls if c[0] is Op.PRE_BWD_DYN]
     assert pre[1] is DTYPES[dtype] and pre[2]["grad_out"] is None
-    assert pre[2]["grad_x_in"] is calls[0][2]["grad_x"]
-    for _, _, kw in (calls[0], calls[3]):
-        assert kw["grad_norm_weight"].shape == (kw["splits"], C)
+    assert pre[2]["grad_h_pre_in"].dtype == torch.float32
+    if fused:
+        # (∂φ by the kernel: these are CPU tensors, and cuBLAS serves only CUDA ones)
+        assert ops == [Op.LAYER_BWD_DYN, Op.PRE_BWD_DYN, Op.PHI_GRAD_DYN, Op.LAYER_BWD_STATIC,
+                       Op.COEFFS_BWD_STATIC]  # fmt: skip
+        assert pre[2]["grad_x_in"] is calls[0][2]["grad_x"]
+        for _, _, kw in (calls[0], calls[3]):  # ∂w: one row a block
+            assert kw["grad_norm_weight"].shape == (kw["splits"], C)
+    else:
+        assert Op.POST_BWD_DYN in ops and Op.POST_BWD_STATIC in ops
 
 
 def test_gemm_projection_leaves_r_to_the_kernel(monkeypatch):
