@@ -29,7 +29,7 @@ MHC_CX int64_t layer_bwd_smem_floats(int64_t C) { return 3 * ((C + 3) / 4 * 4); 
 template <typename T, int N, int HIDDEN, int TM, bool DYN, int VEC>
 __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
   constexpr int NB = n_bound<N>();
-  constexpr bool kSmallN = NB * NB <= 64;  // ∂H_res accumulated in pass 2
+  constexpr bool kSmallN = NB * NB <= 64;  // ∂H_pre, ∂H_res accumulated in pass 3
   constexpr int SLOTS = DYN ? TM : 1;
   constexpr int K2 = NB + 1;        // pass 2 sums: ∂H_post, Σ g·u
   constexpr int K3 = NB + NB * NB;  // pass 3 sums (small n): ∂H_pre, ∂H_res
