@@ -81,20 +81,11 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
       const T* xt = x + tok * token_elems;
       const T* gt = grad + tok * token_elems;
 
-      // Pass 1: u = H_pre·x (the forward's order of additions), Σu².
+      // Pass 1: u = H_pre·x (as the forward forms it), Σu².
       float sq = 0.0f;
       for (int64_t c = c0; c < C; c += cstep) {
         float u[VEC];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) u[v] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NB; ++j)
-          if (j < n) {
-            float xv[VEC];
-            load_pack<T, VEC>(xt + j * C + c, xv);
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) u[v] += s.h_pre[hs][j] * xv[v];
-          }
+        pre_mix<T, NB, VEC>(xt, C, n, s.h_pre[hs], c, u);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
           su[c + v] = u[v];

@@ -218,21 +218,29 @@ MHC_DEV void store_coefficients(const Args& a, int n, int slot, int64_t t,
     for (int j = 0; j < n; ++j) h[(t * n + lane) * n + j] = s.h_res[slot][lane][j];
 }
 
-// Phase 3 for one token and one vector of VEC columns starting at c.
-template <typename T, int NB, int VEC, typename U>
-MHC_DEV void pre_vector(const T* xt, U* ut, int64_t C, int n, const float* h_pre, int64_t c) {
-  float acc[VEC];
+// u = Σ_j H_pre[j]·x[j] for one token and VEC columns at c, streams in ascending order: the
+// one order every kernel uses, so that the layer's backward recomputes the forward's u bitwise.
+template <typename T, int NB, int VEC>
+MHC_DEV void pre_mix(const T* xt, int64_t C, int n, const float* h_pre, int64_t c,
+                     float (&u)[VEC]) {
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) acc[v] = 0.0f;
+  for (int v = 0; v < VEC; ++v) u[v] = 0.0f;
 #pragma unroll
   for (int j = 0; j < NB; ++j) {
     if (j < n) {
       float xv[VEC];
       load_pack<T, VEC>(xt + j * C + c, xv);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[v] += h_pre[j] * xv[v];
+      for (int v = 0; v < VEC; ++v) u[v] += h_pre[j] * xv[v];
     }
   }
+}
+
+// Phase 3 for one token and one vector of VEC columns starting at c.
+template <typename T, int NB, int VEC, typename U>
+MHC_DEV void pre_vector(const T* xt, U* ut, int64_t C, int n, const float* h_pre, int64_t c) {
+  float acc[VEC];
+  pre_mix<T, NB, VEC>(xt, C, n, h_pre, c, acc);
   store_pack<U, VEC>(ut + c, acc);
 }
 
@@ -381,16 +389,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
       const T* xt = x + (t0 + t) * token_elems;
       for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
         float u[VEC];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) u[v] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NB; ++j)
-          if (j < n) {
-            float xv[VEC];
-            load_pack<T, VEC>(xt + j * C + c, xv);
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) u[v] += s.h_pre[hs][j] * xv[v];
-          }
+        pre_mix<T, NB, VEC>(xt, C, n, s.h_pre[hs], c, u);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) sq[t] += u[v] * u[v];
       }
@@ -406,16 +405,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
       const T* xt = x + (t0 + t) * token_elems;
       for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
         float y[VEC];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) y[v] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NB; ++j)
-          if (j < n) {
-            float xv[VEC];
-            load_pack<T, VEC>(xt + j * C + c, xv);
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) y[v] += s.h_pre[hs][j] * xv[v];
-          }
+        pre_mix<T, NB, VEC>(xt, C, n, s.h_pre[hs], c, y);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) y[v] = y[v] * inv_rms * a.in<float>(kNormWeight)[c + v];
         post_vector<T, NB, VEC>(xt, y, out + (t0 + t) * token_elems, C, n, s.h_post[hs],
