@@ -140,6 +140,8 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
         token_scale[1] = scale * scale * scale * sum_partials<K2>(p2, NB) / float(C);
       __syncthreads();
       const float k_u = token_scale[1];
+      // ∂u = s·g − u·s³·mean(g·u) at channel c (pass 3 and, for large n, ∂H_pre's pass).
+      auto grad_u = [&](int64_t c) { return scale * sg[c] - su[c] * k_u; };
 
       // Pass 3: ∂u; ∂x = H_resᵀ·G + H_preᵀ·∂u; for small n ∂H_pre = ∂u·xᵀ, ∂H_res = G·xᵀ
       // (for large n the stream loop is not unrolled, so they take passes of their own).
@@ -149,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
       for (int64_t c = c0; c < C; c += cstep) {
         float gs[NB][VEC], du[VEC];
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) du[v] = scale * sg[c + v] - su[c + v] * k_u;
+        for (int v = 0; v < VEC; ++v) du[v] = grad_u(c + v);
 #pragma unroll
         for (int i = 0; i < NB; ++i)
           if (i < n) load_pack<T, VEC>(gt + i * C + c, gs[i]);
@@ -196,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_kernel(Args a) {
 #pragma unroll
           for (int j = 0; j < NB; ++j) row[j] = 0.0f;
           for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-            const float gi = i < n ? to_float(gt[i * C + c]) : scale * sg[c] - su[c] * k_u;
+            const float gi = i < n ? to_float(gt[i * C + c]) : grad_u(c);
 #pragma unroll
             for (int j = 0; j < NB; ++j)
               if (j < n) row[j] += gi * to_float(xt[j * C + c]);
