@@ -147,6 +147,46 @@ def test_forward_variant(name, data):
             raise AssertionError(f"untested op {spec.op}")
 
 
+@pytest.mark.parametrize(
+    "n, c, dtype",
+    [
+        (4, 64, torch.bfloat16),
+        (4, 6144, torch.bfloat16),
+        (8, 4352, torch.bfloat16),
+        (4, 4352, torch.float32),
+    ],
+    ids=["staged", "at-the-limit", "past-it-bf16", "past-it-fp32"],
+)
+def test_fused_layer_either_side_of_the_staging_limit(n, c, dtype):
+    """The static-H fused layer stages x in shared memory, two tokens a block, while they and
+    the block's other shared memory fit in 100 KB (64 KB on ROCm: n = 4, C = 6144 bf16 is
+    just inside on CUDA), and re-reads it from global memory past that; 5 tokens make a
+    block of four (double-buffered) and a block of one. Both paths, and the dynamic ops
+    beside them, against float64."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    t, m = 5, reference.num_logits(n)
+    g = torch.Generator().manual_seed(n * c)
+    x = torch.randn(t, n, c, generator=g).to(dtype)
+    phi = torch.randn(n * c, m, generator=g) / (n * c) ** 0.5
+    alpha, b = torch.tensor([1.0, 0.8, 1.2]), torch.randn(m, generator=g)
+    w = 1 + 0.2 * torch.randn(c, generator=g)
+    d = [v.double() for v in (x, w, phi, alpha, b)]
+    want = {
+        "layer_dynamic": reference.layer_dynamic(*d),
+        "layer_static": reference.layer_static(d[0], d[1], d[4]),
+        "pre_dynamic": reference.pre(d[0], reference.dynamic_coefficients(d[0], *d[2:])[0]),
+    }
+    xg, wg, pg, ag, bg = (v.cuda() for v in (x, w, phi, alpha, b))
+    got = {
+        "layer_dynamic": _run_twice(lambda: mhc_gen.layer_dynamic(xg, wg, pg, ag, bg)),
+        "layer_static": _run_twice(lambda: mhc_gen.layer_static(xg, wg, bg)),
+        "pre_dynamic": _run_twice(lambda: mhc_gen.pre_dynamic(xg, pg, ag, bg)[0]),
+    }
+    for name, e in want.items():
+        assert_close(got[name][0], e, name, tol=TOLERANCES[dtype])
+
+
 def test_tolerance_table_covers_every_gpu_dtype():
     assert set(TORCH_DTYPES.values()) <= set(TOLERANCES)
 

@@ -65,6 +65,24 @@ inline error_t set_dynamic_smem(K* kernel, size_t bytes) {
 }
 MHC_DEV float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 MHC_DEV void sync_warp() { __syncwarp(); }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define MHC_ASYNC_COPY 1
+// 16 bytes from global to shared memory without registers; visible to the block after
+// cp_async_wait and a barrier.
+MHC_DEV void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+MHC_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most PENDING of this thread's committed groups are in flight.
+template <int PENDING>
+MHC_DEV void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
+#endif
+#endif
+#ifndef MHC_ASYNC_COPY
+#define MHC_ASYNC_COPY 0
 #endif
 
 // expf everywhere: on AMD the builtin lowers to the hardware exp, so the

@@ -105,6 +105,19 @@ MHC_DEV float token_sums(const float (&v)[TM], Shared<NB, TM, SLOTS>& s, int lim
   return acc;
 }
 
+// token_sums for one value a thread: thread 0 gets the block's sum (the same order).
+template <int NB, int TM, int SLOTS>
+MHC_DEV float block_total(float v, Shared<NB, TM, SLOTS>& s) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const float w = warp_sum(v);
+  if (lane == 0) s.partial[warp][0][0] = w;
+  __syncthreads();
+  float acc = 0.0f;
+  if (threadIdx.x == 0)
+    for (int i = 0; i < kWarps; ++i) acc += s.partial[i][0][0];
+  return acc;
+}
+
 // Phase 1: z[t] = x̄_t·φ and sum_sq[t] = Σ x̄_t² for the block's nt tokens.
 template <typename T, int NB, int TM, int SLOTS>
 MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt,
@@ -415,6 +428,92 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
   }
 }
 
+// Copies one token's x (K elements, 16-byte aligned) into shared memory: asynchronously
+// where the GPU can (sm_80+: the copy overlaps the block's work on the previous token and
+// is complete after stage_wait and a barrier), else through registers.
+template <typename T>
+MHC_DEV void stage_copy(T* dst, const T* src, int64_t K) {
+  constexpr int V = 16 / int(sizeof(T));
+  for (int64_t k = int64_t(threadIdx.x) * V; k < K; k += int64_t(kThreads) * V) {
+#if MHC_ASYNC_COPY
+    cp_async16(dst + k, src + k);
+#else
+    *reinterpret_cast<Pack<T, V>*>(dst + k) = *reinterpret_cast<const Pack<T, V>*>(src + k);
+#endif
+  }
+#if MHC_ASYNC_COPY
+  cp_async_commit();
+#endif
+}
+
+MHC_DEV void stage_wait() {
+#if MHC_ASYNC_COPY
+  cp_async_wait<0>();
+#endif
+}
+
+// The fused layer with static H, each token's x staged in shared memory: DRAM sees x once,
+// where token_kernel's second pass re-reads it from L2, in which a full GPU's tokens in
+// flight (≈ 67 MB at n = 4, C = 4096, tile 4) do not fit. A block walks its TM tokens
+// through two buffers: token t + 1 is copied while the block works on token t. The
+// arithmetic and its order are token_kernel's, so both give bitwise the same results.
+// Not for dynamic H: there each token's Sinkhorn (one warp, the block waiting) sits between
+// its copy and its passes, and staging measured slower (notes/PERF.md, session 8).
+template <typename T, int N, int HIDDEN, int TM, int VEC>
+__global__ void __launch_bounds__(kThreads) staged_layer_kernel(Args a) {
+  constexpr int NB = n_bound<N>();
+  __shared__ Shared<NB, TM, 1> s;
+  extern __shared__ float4 staged_x[];
+  const int n = N ? N : a.n;
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t K = int64_t(n) * C;
+  const int64_t t0 = int64_t(blockIdx.x) * TM;
+  const int64_t remaining = a.tokens - t0;
+  const int nt = remaining < TM ? int(remaining) : TM;
+  const T* x = a.in<T>(kX);
+  T* const staged = reinterpret_cast<T*>(staged_x);  // token t in buffer t % 2
+
+  stage_copy(staged, x + t0 * K, K);
+  if (threadIdx.x / kWarp == 0) {
+    coefficients<NB, TM, 1>(a, n, 0, nullptr, 1.0f, s);
+    if (blockIdx.x == 0) store_coefficients<NB, TM, 1>(a, n, 0, 0, s);
+  }
+  const int64_t c0 = int64_t(threadIdx.x) * VEC, cstep = int64_t(kThreads) * VEC;
+  for (int t = 0; t < nt; ++t) {
+    const T* xs = staged + (t % 2) * K;
+    stage_wait();
+    __syncthreads();  // token t is staged; every thread is done with token t - 1's buffer
+    if (t + 1 < nt) stage_copy(staged + ((t + 1) % 2) * K, x + (t0 + t + 1) * K, K);
+    float sq = 0.0f;
+    for (int64_t c = c0; c < C; c += cstep) {
+      float u[VEC];
+      pre_mix<T, NB, VEC>(xs, C, n, s.h_pre[0], c, u);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sq += u[v] * u[v];
+    }
+    const float sum_sq = block_total(sq, s);
+    if (threadIdx.x == 0) s.sum_sq[0] = 1.0f / token_rms(sum_sq, C, a.eps_rms);
+    __syncthreads();
+    const float inv_rms = s.sum_sq[0];
+    T* ot = a.out<T>(kOut) + (t0 + t) * K;
+    for (int64_t c = c0; c < C; c += cstep) {
+      float y[VEC];
+      pre_mix<T, NB, VEC>(xs, C, n, s.h_pre[0], c, y);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) y[v] = y[v] * inv_rms * a.in<float>(kNormWeight)[c + v];
+      post_vector<T, NB, VEC>(xs, y, ot, C, n, s.h_post[0], s.h_res[0], c);
+    }
+  }
+}
+
+// Shared memory a staged block may take, its two token buffers and Shared together: two
+// blocks an SM on CUDA (with the opt-in limit); an AMD workgroup's 64 KB of LDS.
+#if defined(MHC_HIP)
+constexpr int64_t kStageSmemBytes = 64 * 1024;
+#else
+constexpr int64_t kStageSmemBytes = 100 * 1024;
+#endif
+
 inline bool aligned_to(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
 }
@@ -448,6 +547,19 @@ int launch(const Args& a) {
     const dim3 grid(unsigned(blocks), unsigned(chunks < 65535 ? chunks : 65535));
     // Phase 1 in this kernel exists only for dynamic pre and layer.
     constexpr bool P = DYN && OP != Op::Post;
+    if constexpr (OP == Op::Layer && !DYN) {
+      const int64_t token_bytes = int64_t(a.n) * a.hidden * int64_t(sizeof(T));
+      const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, 1>));
+      if (vec_ok && token_bytes % 16 == 0 && 2 * token_bytes + fixed <= kStageSmemBytes &&
+          aligned_to(a.p[kX], 16)) {
+        auto kernel = staged_layer_kernel<T, N, HIDDEN, TM, VEC>;
+        const size_t smem = 2 * size_t(token_bytes);
+        const error_t err = set_dynamic_smem(kernel, smem);
+        if (err != kSuccess) return int(err);
+        kernel<<<unsigned(blocks), kThreads, smem, stream>>>(a);
+        return int(last_error());
+      }
+    }
     if (vec_ok && project)
       token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, P><<<grid, kThreads, 0, stream>>>(a);
     else if (vec_ok)
