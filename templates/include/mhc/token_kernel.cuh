@@ -307,6 +307,19 @@ MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, i
   }
 }
 
+// The fused layer's second pass for one vector of columns: y = u·inv_rms·w from u recomputed
+// (cheaper than staging C floats), then x_next = H_res·x + H_postᵀ·y.
+template <typename T, int NB, int VEC>
+MHC_DEV void layer_vector(const T* xt, T* ot, int64_t C, int n, const float* h_pre,
+                          const float* h_post, const float (*h_res)[res_ld<NB>()], float inv_rms,
+                          const float* w, int64_t c) {
+  float y[VEC];
+  pre_mix<T, NB, VEC>(xt, C, n, h_pre, c, y);
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) y[v] = y[v] * inv_rms * w[c + v];
+  post_vector<T, NB, VEC>(xt, y, ot, C, n, h_post, h_res, c);
+}
+
 // PROJECT: phase 1 runs here (no z from a GEMM). A separate
 // instantiation, as its TM × 24 accumulators would otherwise set the register count
 // (and so the occupancy) of the kernels that are given z.
@@ -391,8 +404,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
       }
     }
   } else if constexpr (OP == Op::Layer) {
-    // F = RMSNorm(u)·w: pass A reduces Σu² per token, pass B recomputes u
-    // from x (cheaper than staging C floats) and writes x_next.
+    // F = RMSNorm(u)·w: pass A reduces Σu² per token, pass B (layer_vector) writes x_next.
     float sq[TM];
 #pragma unroll
     for (int t = 0; t < TM; ++t) {
@@ -416,14 +428,9 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
       const int hs = DYN ? t : 0;
       const float inv_rms = s.sum_sq[t];
       const T* xt = x + (t0 + t) * token_elems;
-      for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
-        float y[VEC];
-        pre_mix<T, NB, VEC>(xt, C, n, s.h_pre[hs], c, y);
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) y[v] = y[v] * inv_rms * a.in<float>(kNormWeight)[c + v];
-        post_vector<T, NB, VEC>(xt, y, out + (t0 + t) * token_elems, C, n, s.h_post[hs],
-                                s.h_res[hs], c);
-      }
+      for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC)
+        layer_vector<T, NB, VEC>(xt, out + (t0 + t) * token_elems, C, n, s.h_pre[hs], s.h_post[hs],
+                                 s.h_res[hs], inv_rms, a.in<float>(kNormWeight), c);
     }
   }
 }
@@ -496,13 +503,9 @@ __global__ void __launch_bounds__(kThreads) staged_layer_kernel(Args a) {
     __syncthreads();
     const float inv_rms = s.sum_sq[0];
     T* ot = a.out<T>(kOut) + (t0 + t) * K;
-    for (int64_t c = c0; c < C; c += cstep) {
-      float y[VEC];
-      pre_mix<T, NB, VEC>(xs, C, n, s.h_pre[0], c, y);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) y[v] = y[v] * inv_rms * a.in<float>(kNormWeight)[c + v];
-      post_vector<T, NB, VEC>(xs, y, ot, C, n, s.h_post[0], s.h_res[0], c);
-    }
+    for (int64_t c = c0; c < C; c += cstep)
+      layer_vector<T, NB, VEC>(xs, ot, C, n, s.h_pre[0], s.h_post[0], s.h_res[0], inv_rms,
+                               a.in<float>(kNormWeight), c);
   }
 }
 
