@@ -18,21 +18,39 @@ FULL_N = (*range(1, 33), None)
 TUNE_HIDDEN = (4096,)
 
 
-def default_tile(op: Op, n: int | None = None) -> int:
+# Shared memory for the dynamic fused layer's stash of its tokens' x: token_kernel.cuh's
+# kStashSmemBytes less room for the block's other shared memory.
+STASH_BYTES = {"cuda": 64 * 1024, "hip": 56 * 1024}
+_ELEMENT_BYTES = {DType.BF16: 2, DType.FP16: 2, DType.FP32: 4}
+
+
+def default_tile(
+    op: Op,
+    n: int | None = None,
+    hidden: int | None = None,
+    dtype: DType = DType.BF16,
+    arch: Arch = Arch.SM90,
+) -> int:
     """Tokens per block: 4 where they share φ reads or a static H, else fewer. The
     dynamic pre backward's ∂x kernel reads its chunk of φ once per block: as many tokens as
-    n allows (on CUDA at n ≤ 8 its tensor-core form always takes 16, the mma's m16)."""
+    n allows (on CUDA at n ≤ 8 its tensor-core form always takes 16, the mma's m16). The
+    dynamic fused layer keeps its tokens of x in shared memory where they fit (a run-time n
+    counts as 32, a run-time hidden as 4096): 4 tokens, else 2, else 4 unstashed."""
     if op in (Op.COEFFS_STATIC, Op.COEFFS_BWD_STATIC, Op.PHI_GRAD_DYN):
         return 1
     if op in (Op.POST_BWD_DYN, Op.POST_BWD_STATIC, Op.PRE_BWD_STATIC, Op.LAYER_BWD_STATIC):
         return 1
     if op is Op.PRE_BWD_DYN:
         return 2 if n is None or n > 8 else 16 if n <= 4 else 8
+    if op is Op.LAYER_DYN:
+        token = (n or 32) * (hidden or 4096) * _ELEMENT_BYTES[dtype]
+        budget = STASH_BYTES[arch.traits.backend]
+        return next((tile for tile in (4, 2) if tile * token <= budget), 4)
     return 4
 
 
 def _spec(op: Op, n, hidden, dtype: DType, arch: Arch) -> KernelSpec:
-    return KernelSpec(op, n, hidden, dtype, arch, default_tile(op, n))
+    return KernelSpec(op, n, hidden, dtype, arch, default_tile(op, n, hidden, dtype, arch))
 
 
 def _alternative_tiles(op: Op, n, hidden, dtype: DType, arch: Arch) -> set[KernelSpec]:

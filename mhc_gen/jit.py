@@ -62,7 +62,8 @@ def cache_root() -> pathlib.Path:
 
 def spec_for(op: Op, n: int, dtype: DType, arch: Arch) -> KernelSpec | None:
     """The variant to compile for a request: compile-time n, run-time hidden."""
-    spec = KernelSpec(op, n, None, dtype if op.needs_x else DType.FP32, arch, default_tile(op, n))
+    dtype = dtype if op.needs_x else DType.FP32
+    spec = KernelSpec(op, n, None, dtype, arch, default_tile(op, n, None, dtype, arch))
     return spec if is_supported(spec) else None
 
 

@@ -82,5 +82,5 @@ def _best_knobs(group: list[KernelSpec], tuned: Mapping[str, str], bucket: int |
     for k in ([bucket_key(key, bucket)] if bucket else []) + [key]:
         if tuned.get(k) in names:
             return names[tuned[k]]
-    default = [s for s in group if s.tile == default_tile(s.op, s.n)]
+    default = [s for s in group if s.tile == default_tile(s.op, s.n, s.hidden, s.dtype, s.arch)]
     return default[0] if default else min(group, key=lambda s: s.name)

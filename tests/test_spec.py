@@ -39,12 +39,13 @@ def test_default_profile_covers_the_issue_matrix():
     for op in Op:
         for n in (2, 4, 8, 16, 32, None):
             for d in list(DType) if op.needs_x else [DType.FP32]:
-                spec = KernelSpec(op, n, None, d, Arch.SM90, default_tile(op, n))
+                spec = KernelSpec(op, n, None, d, Arch.SM90, default_tile(op, n, None, d))
                 assert spec.name in names or not is_supported(spec)
         if op.specialises_hidden:
             for h in HOT_HIDDEN:
                 for d in (DType.BF16, DType.FP32):
-                    assert KernelSpec(op, 4, h, d, Arch.SM90, default_tile(op, 4)).name in names
+                    spec = KernelSpec(op, 4, h, d, Arch.SM90, default_tile(op, 4, h, d))
+                    assert spec.name in names
 
 
 @pytest.mark.parametrize(
@@ -72,3 +73,15 @@ def test_validity():
     assert not is_supported(KernelSpec(Op.PRE_DYN, 4, None, DType.BF16, Arch.SM90, tile=3))
     assert not is_supported(KernelSpec(Op.COEFFS_STATIC, 4, 4096, DType.FP32, Arch.SM90, 1))
     assert not is_supported(KernelSpec(Op.COEFFS_STATIC, 4, None, DType.BF16, Arch.SM90, 1))
+
+
+def test_dynamic_layer_tile_is_the_most_tokens_its_stash_holds():
+    """4 tokens of x where they fit the stash, else 2, else 4 read from global memory."""
+    tile = default_tile
+    assert tile(Op.LAYER_DYN, 4, 1280, DType.BF16) == 4  # 4 × 10 KB
+    assert tile(Op.LAYER_DYN, 4, 4096, DType.BF16) == 2  # 2 × 32 KB
+    assert tile(Op.LAYER_DYN, 4, 4096, DType.FP32) == 4  # 64 KB a token: no stash
+    assert tile(Op.LAYER_DYN, 4, 7168, DType.BF16) == 4
+    assert tile(Op.LAYER_DYN, 4, None, DType.BF16) == 2  # a run-time hidden counts as 4096
+    assert tile(Op.LAYER_DYN, None, 64, DType.BF16) == 4  # a run-time n counts as 32
+    assert tile(Op.LAYER_DYN, 4, 4096, DType.BF16, Arch.GFX942) == 4  # 56 KB on ROCm

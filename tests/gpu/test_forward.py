@@ -154,15 +154,20 @@ def test_forward_variant(name, data):
         (4, 6144, torch.bfloat16),
         (8, 4352, torch.bfloat16),
         (4, 4352, torch.float32),
+        (4, 1280, torch.bfloat16),
+        (4, 1280, torch.float32),
+        (4, 4096, torch.bfloat16),
     ],
-    ids=["staged", "at-the-limit", "past-it-bf16", "past-it-fp32"],
+    ids=["staged", "at-the-limit", "past-it-bf16", "past-it-fp32", "h1280", "h1280-fp32", "h4096"],
 )
 def test_fused_layer_either_side_of_the_staging_limit(n, c, dtype):
     """The static-H fused layer stages x in shared memory, two tokens a block, while they and
     the block's other shared memory fit in 100 KB (64 KB on ROCm: n = 4, C = 6144 bf16 is
     just inside on CUDA), and re-reads it from global memory past that; 5 tokens make a
-    block of four (double-buffered) and a block of one. Both paths, and the dynamic ops
-    beside them, against float64."""
+    block of four (double-buffered) and a block of one. The dynamic layer keeps its tile's
+    tokens of x in shared memory while they fit in 72 KB: C = 64 (tile 2, run-time hidden),
+    C = 1280 (compile-time hidden: tile 4 in bf16, 2 in fp32) and C = 4096 bf16 (tile 2, two
+    32 KB tokens). Both paths of each, and the dynamic pre, against float64."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
     t, m = 5, reference.num_logits(n)

@@ -164,8 +164,10 @@ MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt,
 
 // r of the block's nt tokens into s.r, from Σx̄² in a fixed order (phase 1 when z came
 // from a GEMM that gave no r). 16-byte loads where n·C and x allow.
+// With stash, the x it reads (16-byte path only) is also kept there, token t at t·K.
 template <typename T, int NB, int TM, int SLOTS>
-MHC_DEV void token_norms(const Args& a, int64_t K, int64_t t0, int nt, Shared<NB, TM, SLOTS>& s) {
+MHC_DEV void token_norms(const Args& a, int64_t K, int64_t t0, int nt, Shared<NB, TM, SLOTS>& s,
+                         T* stash = nullptr) {
   constexpr int V = 16 / int(sizeof(T));
   const T* x = a.in<T>(kX) + t0 * K;
   const bool vec = K % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
@@ -178,6 +180,9 @@ MHC_DEV void token_norms(const Args& a, int64_t K, int64_t t0, int nt, Shared<NB
       for (int64_t k = int64_t(threadIdx.x) * V; k < K; k += int64_t(kThreads) * V) {
         float v[V];
         load_pack<T, V>(x + t * K + k, v);
+        if (stash)  // the same 16 bytes again: the compiler reuses the load
+          *reinterpret_cast<Pack<T, V>*>(stash + t * K + k) =
+              *reinterpret_cast<const Pack<T, V>*>(x + t * K + k);
 #pragma unroll
         for (int i = 0; i < V; ++i) sq[t] += v[i] * v[i];
       }
@@ -323,8 +328,16 @@ MHC_DEV void layer_vector(const T* xt, T* ot, int64_t C, int n, const float* h_p
 // PROJECT: phase 1 runs here (no z from a GEMM). A separate
 // instantiation, as its TM × 24 accumulators would otherwise set the register count
 // (and so the occupancy) of the kernels that are given z.
-template <typename T, int N, int HIDDEN, int TM, Op OP, bool DYN, int VEC, bool PROJECT>
+// STASH (dynamic layer given z, no r): the r pass keeps the block's TM tokens of x in dynamic
+// shared memory and passes A and B read them there, so DRAM sees x once; the Sinkhorns of the
+// TM tokens still run side by side on TM warps (staged_layer_kernel's one token at a time
+// measured slower for dynamic H: notes/PERF.md, session 8). Bitwise the same results.
+template <typename T, int N, int HIDDEN, int TM, Op OP, bool DYN, int VEC, bool PROJECT,
+          bool STASH = false>
 __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
+  static_assert(!STASH || (OP == Op::Layer && DYN && !PROJECT), "STASH: dynamic layer given z");
+  extern __shared__ float4 stash_x[];
+  T* const stash = STASH ? reinterpret_cast<T*>(stash_x) : nullptr;
   constexpr int NB = n_bound<N>();
   constexpr int SLOTS = DYN ? TM : 1;
   __shared__ Shared<NB, TM, SLOTS> s;
@@ -345,7 +358,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
       if (const float* r_in = a.in<float>(kRIn))
         for (int t = threadIdx.x; t < nt; t += kThreads) s.r[t] = r_in[t0 + t];
       else
-        token_norms<T, NB, TM, SLOTS>(a, int64_t(n) * C, t0, nt, s);
+        token_norms<T, NB, TM, SLOTS>(a, int64_t(n) * C, t0, nt, s, stash);
       __syncthreads();
     } else {
       project<T, NB, TM, SLOTS>(a, n, C, t0, nt, s);
@@ -411,7 +424,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
       sq[t] = 0.0f;
       if (t >= nt) continue;
       const int hs = DYN ? t : 0;
-      const T* xt = x + (t0 + t) * token_elems;
+      const T* xt = STASH ? stash + t * token_elems : x + (t0 + t) * token_elems;
       for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
         float u[VEC];
         pre_mix<T, NB, VEC>(xt, C, n, s.h_pre[hs], c, u);
@@ -427,7 +440,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
       if (t >= nt) break;
       const int hs = DYN ? t : 0;
       const float inv_rms = s.sum_sq[t];
-      const T* xt = x + (t0 + t) * token_elems;
+      const T* xt = STASH ? stash + t * token_elems : x + (t0 + t) * token_elems;
       for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC)
         layer_vector<T, NB, VEC>(xt, out + (t0 + t) * token_elems, C, n, s.h_pre[hs], s.h_post[hs],
                                  s.h_res[hs], inv_rms, a.in<float>(kNormWeight), c);
@@ -516,6 +529,13 @@ constexpr int64_t kStageSmemBytes = 64 * 1024;
 #else
 constexpr int64_t kStageSmemBytes = 100 * 1024;
 #endif
+// The same for token_kernel's stash: three blocks an SM on CUDA (its 80 registers allow
+// three); an AMD workgroup's 64 KB of LDS.
+#if defined(MHC_HIP)
+constexpr int64_t kStashSmemBytes = 64 * 1024;
+#else
+constexpr int64_t kStashSmemBytes = 72 * 1024;
+#endif
 
 inline bool aligned_to(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
@@ -550,6 +570,19 @@ int launch(const Args& a) {
     const dim3 grid(unsigned(blocks), unsigned(chunks < 65535 ? chunks : 65535));
     // Phase 1 in this kernel exists only for dynamic pre and layer.
     constexpr bool P = DYN && OP != Op::Post;
+    if constexpr (OP == Op::Layer && DYN) {
+      const int64_t token_bytes = int64_t(a.n) * a.hidden * int64_t(sizeof(T));
+      const int64_t smem = int64_t(TM) * token_bytes;
+      const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, TM>));
+      if (vec_ok && !project && !a.p[kRIn] && token_bytes % 16 == 0 &&
+          smem + fixed <= kStashSmemBytes && aligned_to(a.p[kX], 16)) {
+        auto kernel = token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, false, true>;
+        const error_t err = set_dynamic_smem(kernel, size_t(smem));
+        if (err != kSuccess) return int(err);
+        kernel<<<grid, kThreads, size_t(smem), stream>>>(a);
+        return int(last_error());
+      }
+    }
     if constexpr (OP == Op::Layer && !DYN) {
       const int64_t token_bytes = int64_t(a.n) * a.hidden * int64_t(sizeof(T));
       const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, 1>));
