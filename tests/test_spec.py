@@ -1,5 +1,7 @@
 """Specs: names round-trip, validity is one rule, profiles list only valid specs."""
 
+import pathlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -85,3 +87,10 @@ def test_dynamic_layer_tile_is_the_most_tokens_its_stash_holds():
     assert tile(Op.LAYER_DYN, 4, None, DType.BF16) == 2  # a run-time hidden counts as 4096
     assert tile(Op.LAYER_DYN, None, 64, DType.BF16) == 4  # a run-time n counts as 32
     assert tile(Op.LAYER_DYN, 4, 4096, DType.BF16, Arch.GFX942) == 4  # 56 KB on ROCm
+
+
+def test_readme_states_each_profiles_variant_count():
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for profile in PROFILES:
+        cuda, hip = (len(specs_for(arch, profile)) for arch in (Arch.SM90, Arch.GFX942))
+        assert f"| `{profile}` | {cuda} / {hip}:" in readme, f"README's {profile} row is stale"
