@@ -237,10 +237,7 @@ int launch_layer_backward(const Args& a) {
   const unsigned blocks = unsigned(a.splits < 1 ? 1 : a.splits);
   auto kernel = vec_ok ? layer_bwd_kernel<T, N, HIDDEN, TM, DYN, VEC>
                        : layer_bwd_kernel<T, N, HIDDEN, TM, DYN, 1>;
-  const error_t err = set_dynamic_smem(kernel, smem);
-  if (err != kSuccess) return int(err);
-  kernel<<<blocks, kThreads, smem, stream>>>(a);
-  return int(last_error());
+  return launch_with_smem(kernel, dim3(blocks), smem, stream, a);
 }
 
 }  // namespace mhc

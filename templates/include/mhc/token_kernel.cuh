@@ -537,6 +537,15 @@ constexpr int64_t kStashSmemBytes = 64 * 1024;
 constexpr int64_t kStashSmemBytes = 72 * 1024;
 #endif
 
+// Launches kernel(a) with smem bytes of dynamic shared memory, past the 48 KB default.
+template <typename Kernel>
+int launch_with_smem(Kernel* kernel, dim3 grid, size_t smem, stream_t stream, const Args& a) {
+  const error_t err = set_dynamic_smem(kernel, smem);
+  if (err != kSuccess) return int(err);
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  return int(last_error());
+}
+
 inline bool aligned_to(const void* p, int bytes) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
 }
@@ -576,11 +585,8 @@ int launch(const Args& a) {
       const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, TM>));
       if (vec_ok && !project && !a.p[kRIn] && token_bytes % 16 == 0 &&
           smem + fixed <= kStashSmemBytes && aligned_to(a.p[kX], 16)) {
-        auto kernel = token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, false, true>;
-        const error_t err = set_dynamic_smem(kernel, size_t(smem));
-        if (err != kSuccess) return int(err);
-        kernel<<<grid, kThreads, size_t(smem), stream>>>(a);
-        return int(last_error());
+        return launch_with_smem(token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, false, true>, grid,
+                                size_t(smem), stream, a);
       }
     }
     if constexpr (OP == Op::Layer && !DYN) {
@@ -588,12 +594,8 @@ int launch(const Args& a) {
       const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, 1>));
       if (vec_ok && token_bytes % 16 == 0 && 2 * token_bytes + fixed <= kStageSmemBytes &&
           aligned_to(a.p[kX], 16)) {
-        auto kernel = staged_layer_kernel<T, N, HIDDEN, TM, VEC>;
-        const size_t smem = 2 * size_t(token_bytes);
-        const error_t err = set_dynamic_smem(kernel, smem);
-        if (err != kSuccess) return int(err);
-        kernel<<<unsigned(blocks), kThreads, smem, stream>>>(a);
-        return int(last_error());
+        return launch_with_smem(staged_layer_kernel<T, N, HIDDEN, TM, VEC>, dim3(unsigned(blocks)),
+                                2 * size_t(token_bytes), stream, a);
       }
     }
     if (vec_ok && project)
