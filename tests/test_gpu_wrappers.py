@@ -211,3 +211,21 @@ def test_projection_and_dz_phi_gemms_where_the_work_pays(monkeypatch):
     monkeypatch.setattr(gpu.torch.version, "hip", "6.2")
     assert not gpu._gemm_projection(_CudaLike(16384, 4, 4096))  # ROCm: no out_dtype mm
     assert not gpu._gemm_dz_phi(_CudaLike(1024, 32, 4096), 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("order, dim", [("hl", 1), ("hl", 0), ("hhl", 1), ("hlh", 0)])
+def test_split_bf16_cat_is_split_then_cat(dtype, order, dim):
+    """The GEMMs' hi + lo operands, written in place, are bitwise the old split-then-cat:
+    hi = v rounded to bf16, lo = (v − hi in fp32) rounded; also from a transposed view."""
+    g = torch.Generator().manual_seed(len(order) + dim)
+    for scale in (1e-3, 1.0, 1e4):
+        v = (torch.randn(37, 29, generator=g) * scale).to(dtype)
+        v[0, :3] = torch.tensor([0.0, -0.0, torch.finfo(dtype).max])
+        for src in (v, v.t()):
+            hi = src.to(torch.bfloat16)
+            lo = (src.float() - hi).to(torch.bfloat16)
+            want = torch.cat([hi if p == "h" else lo for p in order], dim)
+            got = gpu._split_bf16_cat(src, order, dim)
+            assert got.dtype == torch.bfloat16 and got.shape == want.shape
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
