@@ -19,6 +19,7 @@ import json
 import pathlib
 import statistics
 import sys
+import time
 
 import torch
 
@@ -198,6 +199,7 @@ def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs, baselines=Tru
         liger = liger_layer(liger)
         timed.append(("liger", liger))
     for name, fn in timed:
+        started = time.perf_counter()  # wall time of the baseline's timing, compiles included
         try:
             row[f"{name}_ms"] = ms = time_cold(run(fn), reps)
             # About 5 ms of work per captured graph: slow baselines replay fewer calls.
@@ -205,6 +207,7 @@ def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs, baselines=Tru
         except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
             row[f"{name}_ms"] = None
             row[f"{name}_error"] = repr(e)[:200]
+        row[f"{name}_wall_s"] = round(time.perf_counter() - started, 1)
     if liger is not None:
         # A baseline is only a baseline if it computes the same layer: its distance to ours.
         with torch.no_grad():
