@@ -579,24 +579,21 @@ int launch(const Args& a) {
     const dim3 grid(unsigned(blocks), unsigned(chunks < 65535 ? chunks : 65535));
     // Phase 1 in this kernel exists only for dynamic pre and layer.
     constexpr bool P = DYN && OP != Op::Post;
+    // The fused layer copies whole tokens of x into shared memory (16-byte rows) where they fit.
+    const int64_t token_bytes = int64_t(a.n) * a.hidden * int64_t(sizeof(T));
+    const bool rows16 = vec_ok && token_bytes % 16 == 0 && aligned_to(a.p[kX], 16);
     if constexpr (OP == Op::Layer && DYN) {
-      const int64_t token_bytes = int64_t(a.n) * a.hidden * int64_t(sizeof(T));
       const int64_t smem = int64_t(TM) * token_bytes;
       const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, TM>));
-      if (vec_ok && !project && !a.p[kRIn] && token_bytes % 16 == 0 &&
-          smem + fixed <= kStashSmemBytes && aligned_to(a.p[kX], 16)) {
+      if (rows16 && !project && !a.p[kRIn] && smem + fixed <= kStashSmemBytes)
         return launch_with_smem(token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, false, true>, grid,
                                 size_t(smem), stream, a);
-      }
     }
     if constexpr (OP == Op::Layer && !DYN) {
-      const int64_t token_bytes = int64_t(a.n) * a.hidden * int64_t(sizeof(T));
       const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, 1>));
-      if (vec_ok && token_bytes % 16 == 0 && 2 * token_bytes + fixed <= kStageSmemBytes &&
-          aligned_to(a.p[kX], 16)) {
+      if (rows16 && 2 * token_bytes + fixed <= kStageSmemBytes)
         return launch_with_smem(staged_layer_kernel<T, N, HIDDEN, TM, VEC>, dim3(unsigned(blocks)),
                                 2 * size_t(token_bytes), stream, a);
-      }
     }
     if (vec_ok && project)
       token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, P><<<grid, kThreads, 0, stream>>>(a);
