@@ -5,6 +5,11 @@ Python and dispatch before any kernel runs.
     python3 benchmarks/host_overhead.py              # GPU: tiny tensors, kernels run
     python3 benchmarks/host_overhead.py --mock       # CPU: the GPU path, launches stubbed
     python3 benchmarks/host_overhead.py --profile    # + the top cProfile entries
+    python3 benchmarks/host_overhead.py --cold --T 320 --C 1280   # as bench.py times a call
+
+--cold times each call alone after a synchronize, as bench.py does (the GPU idles
+until the host has issued the call), and says where that time goes: the host's
+time to issue the call, then torch.profiler's operators by self CPU time.
 
 On a GPU the tensors are so small (T = 8 by default) that the host, not the GPU, sets
 the pace: time per call over many calls is the host's cost. --mock runs the GPU path's
@@ -19,6 +24,7 @@ import argparse
 import cProfile
 import pathlib
 import pstats
+import statistics
 import sys
 import time
 
@@ -60,6 +66,42 @@ def _best_us(fn, sync, calls: int, repeats: int = 15) -> float:
         sync()
         best = min(best, (time.perf_counter() - start) / calls)
     return best * 1e6
+
+
+def _cold(fn, calls: int) -> tuple[float, float]:
+    """Median µs of (host time to issue fn(), event time of fn()), each call alone."""
+    issue, device = [], []
+    for i in range(calls + 5):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        if i >= 5:
+            issue.append((t1 - t0) * 1e6)
+            device.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(issue), statistics.median(device)
+
+
+def cold_report(args, device) -> None:
+    """Each case timed alone (as bench.py times it), then its profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print("                                 issue µs  event µs (each call alone)")
+    for name, fn in cases(args, device).items():
+        issue, event = _cold(fn, args.calls)
+        print(f"  {name:30s} {issue:8.1f}  {event:8.1f}", flush=True)
+    if args.profile:
+        for name, fn in cases(args, device).items():
+            if "fwd+bwd" not in name:
+                continue
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                _cold(fn, 20)
+            print(f"--- {name}: torch.profiler, 25 calls")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def cases(args, device):
@@ -120,6 +162,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--mock", action="store_true", help="CPU tensors, kernel launches stubbed")
     ap.add_argument("--profile", action="store_true", help="print the top cProfile entries")
+    ap.add_argument("--cold", action="store_true", help="each call alone, as bench.py times it")
     args = ap.parse_args()
     if args.mock:
         _stub_launches()
@@ -130,6 +173,11 @@ def main() -> None:
         device, sync = torch.device("cuda"), torch.cuda.synchronize
         where = torch.cuda.get_device_name()
     print(f"host µs per call, T={args.T} n={args.n} C={args.C} {args.dtype}, {where}")
+    if args.cold:
+        if args.mock:
+            sys.exit("--cold times CUDA events: run it on a GPU")
+        cold_report(args, device)
+        return
     for name, fn in cases(args, device).items():
         print(f"  {name:30s} {_best_us(fn, sync, args.calls):8.1f}", flush=True)
     if args.profile:
