@@ -363,6 +363,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--no-baselines", action="store_true", help="mhc_gen only (an A/B of two builds)"
     )
+    ap.add_argument("--no-ops", action="store_true", help="the layer table only")
     ap.add_argument(
         "--liger",
         choices=["issue", "all", "none"],
@@ -384,9 +385,9 @@ def main(argv=None) -> int:
         )
         (args.out / "results.md").write_text(markdown(meta, layer_rows, op_rows))
 
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in () if args.no_ops else (torch.bfloat16, torch.float32):
         op_rows += bench_ops(16384, 4096, 4, dtype, args.reps, copy_tbs)
-    if not args.quick:
+    if not (args.quick or args.no_ops):
         for t, n in ((8192, 8), (4096, 16), (2048, 32)):  # n = 8, 16, 32: no cliff
             op_rows += bench_ops(t, 4096, n, torch.bfloat16, args.reps, copy_tbs)
     save()
