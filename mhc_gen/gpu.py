@@ -276,9 +276,8 @@ def _split_bf16_cat(v, order: str, dim: int):
 
 def _gemm_phi_grad(x) -> bool:
     """Whether ∂φ runs as cuBLAS GEMMs (CUDA: torch.mm with out_dtype) rather than the
-    fixed-order kernel (ROCm; and on CUDA below the projection's threshold, where the
-    GEMM path's split, GEMM and sum of halves cost more host time than the kernel)."""
-    return _gemm_projection(x)
+    fixed-order kernel (ROCm, and the tests of that kernel)."""
+    return x.is_cuda and torch.version.hip is None
 
 
 def _phi_grad(x, dz, splits_for):
