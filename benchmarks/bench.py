@@ -372,6 +372,10 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if not args.no_baselines:
+        # Why torch.compile compiles the reference again at a new shape (≈ 40 s each at the
+        # large configs' fwd+bwd): the log says which guard failed.
+        torch._logging.set_logs(recompiles=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_tbs = copy_bandwidth()
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, copy_TBps=copy_tbs)
