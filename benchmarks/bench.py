@@ -43,8 +43,9 @@ SEED_CONFIGS = [
 LARGE_CONFIGS = [(16384, 4096, 4), (8192, 7168, 4), (8192, 4096, 8), (2048, 4096, 16),
                  (1024, 4096, 32)]  # fmt: skip
 # Where the performance issue states Liger-Kernel's times: Liger's first call at a shape
-# autotunes its Triton kernels (≈ a minute a row), so by default it runs only here and the
-# whole benchmark fits one 600 s device call (--liger all: every dynamic row).
+# autotunes its Triton kernels (≈ 47 s at 16384 × 4096 on an H100), so by default it runs only
+# here (--liger all: every dynamic row). With torch.compile's compiles the whole benchmark
+# still took ≈ 700 s there (BENCHMARKS.md, session 10).
 LIGER_CONFIGS = [(16384, 4096, 4), (8192, 7168, 4)]
 
 _FLUSH = None
@@ -175,7 +176,8 @@ def _compiled(dynamic: bool):
     return _COMPILED[dynamic]
 
 
-def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs, baselines=True, liger=True):
+def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs, baselines=True,
+                with_liger=True):  # fmt: skip
     x, p = layer_inputs(t, c, n, dtype, dynamic, backward)
     ours, ref = layer_fns(dynamic)
     grad = torch.randn_like(x) if backward else None
@@ -200,7 +202,7 @@ def bench_layer(t, c, n, dtype, dynamic, backward, reps, copy_tbs, baselines=Tru
     timed = [("mhc_gen", ours)]
     if baselines:
         timed += [("eager", ref), ("compile", _compiled(dynamic))]
-    liger = _liger() if dynamic and baselines and liger else None
+    liger = _liger() if dynamic and baselines and with_liger else None
     if liger is not None:
         liger = liger_layer(liger)
         timed.append(("liger", liger))
@@ -401,12 +403,12 @@ def main(argv=None) -> int:
     for t, c, n in configs:
         for dynamic in (False, True):
             for backward in (False,) if args.quick else (False, True):
-                liger = args.liger == "all" or (
+                with_liger = args.liger == "all" or (
                     args.liger == "issue" and (t, c, n) in LIGER_CONFIGS
                 )
                 row = bench_layer(
                     t, c, n, torch.bfloat16, dynamic, backward, args.reps, copy_tbs,
-                    baselines=not args.no_baselines, liger=liger,
+                    baselines=not args.no_baselines, with_liger=with_liger,
                 )  # fmt: skip
                 layer_rows.append(row)
                 row["elapsed_s"] = round(time.perf_counter() - started, 1)

@@ -161,7 +161,11 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--mock", action="store_true", help="CPU tensors, kernel launches stubbed")
-    ap.add_argument("--profile", action="store_true", help="print the top cProfile entries")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the top cProfile entries (with --cold: torch.profiler's operators)",
+    )
     ap.add_argument("--cold", action="store_true", help="each call alone, as bench.py times it")
     args = ap.parse_args()
     if args.mock:
