@@ -531,7 +531,7 @@ struct PreDxMmaShared {
 
 // pre_bwd_dx_kernel with the ∂z·φᵀ term on tensor cores; VEC = 16 bytes of T (C a
 // multiple of VEC and every [T, n, C] pointer 16-byte aligned).
-template <typename T, int N, int HIDDEN, int VEC>
+template <typename T, int N, int HIDDEN, int VEC, bool PAIRS>
 __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
   constexpr int NB = n_bound<N>() < kMmaMaxN ? n_bound<N>() : kMmaMaxN;  // the launcher
   constexpr int TM = kMmaTokens;                                         // checks n ≤ NB
@@ -560,8 +560,7 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
                  live && col + 1 < m ? s.in.dz[row][col + 1] : 0.0f, a_hi[st][r], a_lo[st][r]);
     }
 
-  const float* phi = a.in<float>(kPhi);
-  const bool pairs = m % 2 == 0 && reinterpret_cast<uintptr_t>(phi) % 8 == 0;
+  const float* phi = a.in<float>(kPhi);  // PAIRS: m even and φ 8-byte aligned (the launcher)
   const T* x = a.in<T>(kX) + t0 * K;
   const T* du = a.in<T>(kGradOut);
   T* dx = a.out<T>(kGradX) + t0 * K;
@@ -576,9 +575,11 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
     const int64_t kb = int64_t(j) * C + c_lo;  // the warp's first k
 #pragma unroll
     for (int nb = 0; nb < kMmaK / 8; ++nb) {
-      // B: φ[k][q] for this lane's k (column g of the n8 tile) and logit pairs.
+      // B: φ[k][q] for this lane's k (column g of the n8 tile) and logit pairs. The loads
+      // read a row that exists (k, or row 0 past C) and take no branch, so that the
+      // compiler issues them together instead of each behind its own test.
       const bool live = c_lo + nb * 8 + g < C;
-      const int64_t k = kb + nb * 8 + g;
+      const float* row = phi + (live ? kb + nb * 8 + g : int64_t(0)) * m;
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int st = 0; st < KS; ++st) {
@@ -586,13 +587,17 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int q = 16 * st + c2 + h * 8;
-          if (live && pairs && q < m) {  // m even: q + 1 < m too
-            const float2 p = __ldg(reinterpret_cast<const float2*>(phi + k * m + q));
-            f[2 * h] = p.x, f[2 * h + 1] = p.y;
-          } else {
-            f[2 * h] = live && q < m ? __ldg(phi + k * m + q) : 0.0f;
-            f[2 * h + 1] = live && q + 1 < m ? __ldg(phi + k * m + q + 1) : 0.0f;
+          float2 p = make_float2(0.0f, 0.0f);
+          if (q < m) {              // decided at compile time where N is
+            if constexpr (PAIRS) {  // m even: q + 1 < m too
+              p = __ldg(reinterpret_cast<const float2*>(row + q));
+            } else {
+              p.x = __ldg(row + q);
+              if (q + 1 < m) p.y = __ldg(row + q + 1);
+            }
           }
+          f[2 * h] = live ? p.x : 0.0f;
+          f[2 * h + 1] = live ? p.y : 0.0f;
         }
         uint32_t b_hi[2], b_lo[2];
         split_pair(f[0], f[1], b_hi[0], b_lo[0]);
@@ -612,7 +617,13 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
     const int64_t c = c_lo + col;
     if (c < C) {  // C is a multiple of VEC: the whole vector is in range
       const int64_t k0 = kb + col;
-      for (int t = lane / kLanesPerRow; t < nt; t += kRowsPerPass) {
+      // Unrolled over the tile's rows (a predicate, not the loop bound, stops a short
+      // tile). Batching all rows' loads before their stores took 128 registers (2 blocks
+      // an SM, as session 6's prefetch that lost); this keeps 64 (4 blocks).
+#pragma unroll
+      for (int i = 0; i < kMmaTokens / kRowsPerPass; ++i) {
+        const int t = lane / kLanesPerRow + i * kRowsPerPass;
+        if (t >= nt) break;
         float v[VEC], in[VEC];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) v[e] = tile[t][col + e];
@@ -780,10 +791,23 @@ int launch_pre_backward(const Args& a, stream_t stream) {
       const bool mma_ok = a.n <= kMmaMaxN && a.hidden % MV == 0 && aligned_to(a.p[kX], 16) &&
                           aligned_to(a.p[kGradOut], 16) && aligned_to(a.p[kGradX], 16) &&
                           aligned_to(a.p[kGradXIn], 16);
-      if (mma_ok) {
-        const dim3 grid(unsigned((a.tokens + kMmaTokens - 1) / kMmaTokens),
-                        unsigned((a.hidden + kMmaChunk - 1) / kMmaChunk));
-        pre_bwd_dx_mma_kernel<T, N, HIDDEN, MV><<<grid, kThreads, 0, stream>>>(a);
+      // φ in 8-byte pairs where m is even and φ aligned. A compiled n has one form: the
+      // other case (even m, φ misaligned: a view into a larger tensor) takes the CUDA-core
+      // kernel below rather than a second instantiation.
+      const bool pairs = num_logits(a.n) % 2 == 0 && aligned_to(a.p[kPhi], 8);
+      constexpr bool kPairs = N != 0 && num_logits(N) % 2 == 0;
+      const dim3 grid(unsigned((a.tokens + kMmaTokens - 1) / kMmaTokens),
+                      unsigned((a.hidden + kMmaChunk - 1) / kMmaChunk));
+      if constexpr (N == 0) {
+        if (mma_ok) {
+          if (pairs)
+            pre_bwd_dx_mma_kernel<T, N, HIDDEN, MV, true><<<grid, kThreads, 0, stream>>>(a);
+          else
+            pre_bwd_dx_mma_kernel<T, N, HIDDEN, MV, false><<<grid, kThreads, 0, stream>>>(a);
+          return kOk;
+        }
+      } else if (mma_ok && pairs == kPairs) {
+        pre_bwd_dx_mma_kernel<T, N, HIDDEN, MV, kPairs><<<grid, kThreads, 0, stream>>>(a);
         return kOk;
       }
     }
