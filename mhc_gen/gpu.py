@@ -290,6 +290,15 @@ def _phi_grad(x, dz, splits_for):
         # exact in hi (+ lo); ∂z and fp32 x keep ~16 bits (relative error ~1e-5, inside the
         # fp32 gradient tolerance). ROCm keeps the kernel below (mm with out_dtype is CUDA-only).
         x2 = x.view(t, k)
+        if t < 2 * m:
+            # Few tokens for a wide φ (n = 32: m = 1088): the parts stacked along the
+            # reduction, one GEMM straight into [n·C, m], instead of a [n·C, 2m] output and
+            # a sum of its halves (16·n·C·m bytes more: 0.7 GB at n = 32, C = 1280).
+            if x.dtype == torch.bfloat16:
+                xs, dzs = torch.cat([x2, x2]), _split_bf16_cat(dz, "hl", 0)
+            else:
+                xs, dzs = _split_bf16_cat(x2, "hhl", 0), _split_bf16_cat(dz, "hlh", 0)
+            return torch.mm(xs.t(), dzs, out_dtype=torch.float32)
         dz_hl = _split_bf16_cat(dz, "hl", 1)
         if x.dtype == torch.bfloat16:
             both = torch.mm(x2.t(), dz_hl, out_dtype=torch.float32)
@@ -320,7 +329,9 @@ def _dx_by_gemm(x, grad_u, dz, z, r, dalpha_tok, phi, alpha, b, grad_x_in):
     then H_pre·∂u + ∂r·x̄/(n·C·r) (+ grad_x_in) in fp32."""
     t, n, c = _dims(x)
     k = n * c
-    g = torch.mm(_split_bf16_cat(dz, "hhl", 1), _split_bf16_cat(phi.t(), "hlh", 0),
+    # φ split along its rows as stored (coalesced; the GEMM takes the transposed view),
+    # not φᵀ copied by a strided read.
+    g = torch.mm(_split_bf16_cat(dz, "hhl", 1), _split_bf16_cat(phi, "hlh", 1).t(),
                  out_dtype=torch.float32).view(t, n, c)  # fmt: skip
     # ∂r = −Σ_g α_g·∂α_g/r, over r again and n·C: the factor of x̄ (as the kernel forms it).
     # addcmul_: the products go straight into g (no [T, n, C] fp32 temporaries, 512 MB each

@@ -169,7 +169,13 @@ def test_pre_backward_with_the_dz_phi_gemm_skips_the_kernels_phase_3(monkeypatch
     monkeypatch.setattr(gpu, "launch", record)
     monkeypatch.setattr(gpu, "_gemm_dz_phi", lambda x, n: True)
     monkeypatch.setattr(gpu, "_phi_splits", lambda t, k, device: 2)
-    monkeypatch.setattr(gpu.torch, "mm", lambda a, b, out_dtype: a.float() @ b.float())
+    strides = []
+
+    def mm(a, b, out_dtype):
+        strides.append(b.stride())
+        return a.float() @ b.float()
+
+    monkeypatch.setattr(gpu.torch, "mm", mm)
     v, m = _inputs(), R.num_logits(N)
     z, r = torch.randn(T, m), torch.rand(T) + 1
     dx_in = torch.randn(T, N, C).to(torch.bfloat16)
@@ -187,6 +193,8 @@ def test_pre_backward_with_the_dz_phi_gemm_skips_the_kernels_phase_3(monkeypatch
     want += h_pre[:, :, None] * v["y"].float()[:, None, :] + dx_in.float()
     assert dx.dtype == torch.bfloat16 and dx.shape == (T, N, C)
     assert torch.allclose(dx.float(), want, rtol=1e-2, atol=1e-2)
+    # φ's parts split along its rows as stored, given to the GEMM as a transposed view.
+    assert strides[0] == (1, 3 * m)
 
 
 class _CudaLike:
@@ -229,3 +237,29 @@ def test_split_bf16_cat_is_split_then_cat(dtype, order, dim):
             got = gpu._split_bf16_cat(src, order, dim)
             assert got.dtype == torch.bfloat16 and got.shape == want.shape
             assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [3, 2 * R.num_logits(N) + 1])  # stacked / output halves
+def test_phi_grad_by_gemm_either_side_of_the_stacking_limit(monkeypatch, dtype, t):
+    """∂φ = x̄ᵀ·∂z from the split operands: stacked along the reduction for few tokens,
+    as output halves otherwise; both within the split's ~16 bits of float64."""
+    products = []
+
+    def mm(a, b, out_dtype):
+        products.append(tuple(b.shape))
+        return a.float() @ b.float()
+
+    monkeypatch.setattr(gpu, "_gemm_phi_grad", lambda x: True)
+    monkeypatch.setattr(gpu.torch, "mm", mm)
+    g = torch.Generator().manual_seed(t)
+    m = R.num_logits(N)
+    x = torch.randn(t, N, C, generator=g).to(dtype)
+    dz = torch.randn(t, m, generator=g)
+    got = gpu._phi_grad(x, dz, None)
+    want = x.double().view(t, -1).t() @ dz.double()
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    stacked = t < 2 * m
+    parts = 2 if dtype == torch.bfloat16 else 3
+    assert products[0] == ((parts * t, m) if stacked else (t, 2 * m))
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
