@@ -323,27 +323,21 @@ def _gemm_dz_phi(x, n: int) -> bool:
     return n >= 16 and x.is_cuda and torch.version.hip is None
 
 
-def _dx_by_gemm(x, grad_u, dz, z, r, dalpha_tok, phi, alpha, b, grad_x_in):
+def _dx_by_gemm(x, grad_u, dz, phi, scratch, iters, grad_x_in):
     """pre's ∂x from the kernel's per-token outputs: ∂z·φᵀ as one bf16 GEMM on split
     operands (∂z·φᵀ ≈ ∂z_hi·φ_hiᵀ + ∂z_hi·φ_loᵀ + ∂z_lo·φ_hiᵀ, stacked along the reduction),
-    then H_pre·∂u + ∂r·x̄/(n·C·r) (+ grad_x_in) in fp32."""
+    then the kernel's ∂x epilogue adds H_pre·∂u + ∂r·x̄ (+ grad_x_in) in one pass, with H_pre
+    and ∂r from the scratch rows its token kernel left."""
     t, n, c = _dims(x)
-    k = n * c
     # φ split along its rows as stored (coalesced; the GEMM takes the transposed view),
     # not φᵀ copied by a strided read.
     g = torch.mm(_split_bf16_cat(dz, "hhl", 1), _split_bf16_cat(phi, "hlh", 1).t(),
-                 out_dtype=torch.float32).view(t, n, c)  # fmt: skip
-    # ∂r = −Σ_g α_g·∂α_g/r, over r again and n·C: the factor of x̄ (as the kernel forms it).
-    # addcmul_: the products go straight into g (no [T, n, C] fp32 temporaries, 512 MB each
-    # at n = 32, T = 1024, C = 4096).
-    dr = -(dalpha_tok @ alpha) / r / (k * r)
-    g.addcmul_(x, dr[:, None, None])
-    if grad_u is not None:
-        h_pre = torch.sigmoid(alpha[0] * z[:, :n] / r[:, None] + b[:n])
-        g.addcmul_(h_pre[:, :, None], grad_u[:, None, :])
-    if grad_x_in is not None:
-        g.add_(grad_x_in)
-    return g.to(x.dtype)
+                 out_dtype=torch.float32)  # fmt: skip
+    dx = empty(x.shape, x.dtype, x.device)
+    launch(Op.PRE_BWD_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
+           sinkhorn_iters=iters, x=x, grad_out=grad_u, grad_x_gemm=g, grad_x_in=grad_x_in,
+           grad_x=dx, scratch=scratch)  # fmt: skip
+    return dx
 
 
 def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, phi, alpha, b,
@@ -367,7 +361,8 @@ def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, p
                grad_logits=dlogits, grad_z=dz, grad_alpha_tok=dalpha_tok,
                scratch=scratch)  # fmt: skip
     if gemm:
-        dx = _dx_by_gemm(x, grad_u, dz, z, r, dalpha_tok, phi, alpha, b, grad_x_in)
+        dx = (_dx_by_gemm(x, grad_u, dz, phi, scratch, iters, grad_x_in) if t
+              else empty(x.shape, x.dtype, x.device))  # fmt: skip
     # Token sums in torch's fixed order (the kernel wrote per-token values; no atomics).
     return dx, _phi_grad(x, dz, _phi_splits), dalpha_tok.sum(0), dlogits.sum(0)
 

@@ -57,6 +57,8 @@ enum Ptr : int {
   kGradNormWeight,  // [splits, C] fp32 per-block partial ∂w of the seed layer's RMSNorm
   kScratch,         // [T, max(iters, 1), 2, n] fp32 Sinkhorn divisors; pre's dynamic
                     // backward then keeps H_pre and ∂r per token there
+  kGradXGemm,       // [T, n, C] fp32 ∂z·φᵀ from a GEMM: pre's dynamic backward then runs
+                    // only its ∂x epilogue (H_pre and ∂r from kScratch); may be null
   kNumPtrs
 };
 

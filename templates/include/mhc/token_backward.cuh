@@ -488,6 +488,47 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_kernel(Args a) {
   pre_dx<T, NB, TM, true, VEC>(a, n, C, t0, nt, s.h_pre, s.dz, s.dr);
 }
 
+// Pre's backward with dynamic H, part 2 for large n: ∂x = G + H_pre·∂u + ∂r·x̄ (+ ∂x_in),
+// with G = ∂z·φᵀ from a GEMM (fp32 [T, n, C]) and H_pre, ∂r from part 1's scratch rows: one
+// pass over [T, n, C] in place of the elementwise torch ops after the GEMM. A block a token,
+// VEC consecutive channels of one stream a thread and step (C is a multiple of VEC).
+template <typename T, int N, int HIDDEN, int VEC>
+__global__ void __launch_bounds__(kThreads) pre_bwd_dx_gemm_kernel(Args a) {
+  const int n = N ? N : a.n;
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t tok = blockIdx.x;
+  const int64_t K = int64_t(n) * C;
+  const float* coef = a.in<float>(kScratch) + tok * scratch_row(a, n);  // H_pre[0..n), ∂r
+  const float dr = coef[n];
+  const float* g = a.in<float>(kGradXGemm) + tok * K;
+  const T* x = a.in<T>(kX) + tok * K;
+  const T* du = a.in<T>(kGradOut);
+  const T* dx_in = a.in<T>(kGradXIn);
+  T* dx = a.out<T>(kGradX) + tok * K;
+  for (int j = 0; j < n; ++j) {
+    const float h = coef[j];
+    for (int64_t c = int64_t(threadIdx.x) * VEC; c < C; c += int64_t(kThreads) * VEC) {
+      const int64_t k = j * C + c;
+      float v[VEC], in[VEC];
+      load_pack_ro<float, VEC>(g + k, v);
+      if (du) {
+        load_pack_ro<T, VEC>(du + tok * C + c, in);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[e] += h * in[e];
+      }
+      load_pack_ro<T, VEC>(x + k, in);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) v[e] += dr * in[e];
+      if (dx_in) {
+        load_pack_ro<T, VEC>(dx_in + tok * K + k, in);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[e] += in[e];
+      }
+      store_pack<T, VEC>(dx + k, v);
+    }
+  }
+}
+
 #if defined(MHC_CUDA)
 // ∂x on tensor cores (CUDA, n ≤ 8): ∂z·φᵀ for 16 tokens as mma.sync m16n8k16 products
 // of bf16 operands split into hi + lo (∂z·φᵀ ≈ ∂z_hi·φ_hi + ∂z_hi·φ_lo + ∂z_lo·φ_hi, fp32
@@ -774,6 +815,21 @@ int launch_pre_backward(const Args& a, stream_t stream) {
       pre_bwd_static_kernel<T, N, HIDDEN, TM, 1><<<unsigned(blocks), kThreads, 0, stream>>>(a);
     return kOk;
   } else {
+    if (a.p[kGradXGemm]) {  // after the caller's ∂z·φᵀ GEMM: the ∂x epilogue only
+      if (!a.p[kGradX] || !a.p[kScratch] || !a.p[kX]) return kMissingInput;
+      if (a.tokens == 0) return kOk;
+      constexpr int GV = 4;  // 16 bytes of fp32 G
+      const bool gemm_vec = a.hidden % GV == 0 && aligned_to(a.p[kGradXGemm], 16) &&
+                            aligned_to(a.p[kX], GV * int(sizeof(T))) &&
+                            aligned_to(a.p[kGradOut], GV * int(sizeof(T))) &&
+                            aligned_to(a.p[kGradX], GV * int(sizeof(T))) &&
+                            aligned_to(a.p[kGradXIn], GV * int(sizeof(T)));
+      if (gemm_vec)
+        pre_bwd_dx_gemm_kernel<T, N, HIDDEN, GV><<<unsigned(a.tokens), kThreads, 0, stream>>>(a);
+      else
+        pre_bwd_dx_gemm_kernel<T, N, HIDDEN, 1><<<unsigned(a.tokens), kThreads, 0, stream>>>(a);
+      return kOk;
+    }
     if (a.p[kGradX] && !a.p[kGradZ]) return kMissingInput;  // the ∂x kernel reads ∂z
     constexpr int W = pre_token_warps<n_bound<N>()>();
     const unsigned token_blocks = unsigned((a.tokens + W - 1) / W);
