@@ -35,6 +35,8 @@ class Op(enum.Enum):
     # the seed layer's backward up to pre's (recompute, RMSNorm, post)
     LAYER_BWD_DYN = "layer_bwd_dyn"
     LAYER_BWD_STATIC = "layer_bwd_static"
+    # an fp32 matrix split into bf16 hi + lo parts, for dynamic H's split-precision GEMMs
+    SPLIT_DYN = "split_dyn"
 
     @property
     def dynamic(self) -> bool:
@@ -51,7 +53,7 @@ class Op(enum.Enum):
 
     @property
     def has_hidden_axis(self) -> bool:
-        return self.needs_x and self is not Op.PHI_GRAD_DYN
+        return self.needs_x and self not in (Op.PHI_GRAD_DYN, Op.SPLIT_DYN)
 
     @property
     def layer_backward(self) -> bool:
@@ -65,12 +67,16 @@ class Op(enum.Enum):
 
     @property
     def header(self) -> str:
+        if self is Op.SPLIT_DYN:
+            return "mhc/split.cuh"
         if self.layer_backward:
             return "mhc/layer_backward.cuh"
         return "mhc/token_backward.cuh" if self.backward else "mhc/token_kernel.cuh"
 
     @property
     def launcher(self) -> str:
+        if self is Op.SPLIT_DYN:
+            return "mhc::launch_split"
         if self.layer_backward:
             return "mhc::launch_layer_backward"
         return "mhc::launch_backward" if self.backward else "mhc::launch"
@@ -79,6 +85,8 @@ class Op(enum.Enum):
     def cpp_enum(self) -> str:
         """The C++ enumerator the launcher template takes."""
         base = self.value.rsplit("_", 1)[0]
+        if self is Op.SPLIT_DYN:
+            return "mhc::SplitOp::Split"
         if self.backward:
             name = {
                 "pre_bwd": "Pre",
@@ -194,6 +202,8 @@ def is_supported(spec: KernelSpec) -> bool:
         return False
     if spec.op is Op.PHI_GRAD_DYN and spec.tile != 1:
         return False
+    if spec.op is Op.SPLIT_DYN:  # one variant: fp32 in, every shape at run time
+        return spec.n is None and spec.dtype is DType.FP32 and spec.tile == 1
     if spec.op is Op.PRE_BWD_DYN:
         # The ∂x kernel's shared ∂z grows with tile × n², its accumulators with the tile.
         return spec.tile <= (2 if spec.n is None or spec.n > 8 else 16 if spec.n <= 4 else 8)

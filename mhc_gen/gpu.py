@@ -256,14 +256,29 @@ def _phi_splits(t: int, k: int, device) -> int:
     return max(1, min(want, -(-t // 64), 64))
 
 
+def _split_by_kernel(v) -> bool:
+    """Whether the split runs as mhc_gen's one-pass kernel (fp32 on a GPU) rather than
+    torch's passes (other dtypes: fp16 x for ∂φ)."""
+    return v.is_cuda and v.dtype == torch.float32
+
+
 def _split_bf16_cat(v, order: str, dim: int):
     """v ≈ hi + lo, both bf16 (hi = v rounded; lo = v − hi, computed in fp32, rounded),
-    concatenated along dim in the given order of parts ("hl", "hhl", "hlh"). Written in
-    place: one pass over v for hi, one for lo, no fp32 temporaries (φ is 570 MB at n = 32,
-    C = 4096, where split-then-cat moved twice the bytes)."""
+    concatenated along dim of the 2-D v in the given order of parts ("hl", "hhl", "hlh").
+    fp32 v: one kernel pass (reads v once, writes each part once: 8–10 bytes an element
+    against torch's 14–18; φ is 570 MB at n = 32, C = 4096). Else in place by torch: one
+    pass over v for hi, one for lo, no fp32 temporaries."""
     shape = list(v.shape)
     shape[dim] *= len(order)
     out = empty(shape, torch.bfloat16, v.device)
+    if _split_by_kernel(v):
+        # Parts along the rows ([parts·R, C]) are one row of R·C columns split side by side.
+        rows, cols = (1, v.numel()) if dim == 0 else v.shape
+        lo_mask = sum(1 << p for p, part in enumerate(order) if part == "l")
+        if v.numel():
+            launch(Op.SPLIT_DYN, v.device, DType.FP32, n=len(order), hidden=cols, tokens=rows,
+                   splits=lo_mask, phi=v.contiguous(), out=out)  # fmt: skip
+        return out
     blocks = out.split(v.shape[dim], dim)
     hi, lo = blocks[order.index("h")], blocks[order.index("l")]
     hi.copy_(v)

@@ -264,3 +264,28 @@ def test_phi_grad_by_gemm_either_side_of_the_stacking_limit(monkeypatch, dtype, 
     parts = 2 if dtype == torch.bfloat16 else 3
     assert products[0] == ((parts * t, m) if stacked else (t, 2 * m))
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def _split_as_the_kernel_does(op, device, dtype, *, n, hidden, tokens, splits, phi, out, **kw):
+    """split.cuh's semantics from its launch arguments: [tokens, hidden] fp32 in, each
+    row's n parts side by side, part p the lo half where bit p of splits is set."""
+    assert op is Op.SPLIT_DYN and phi.dtype == torch.float32 and out.is_contiguous()
+    v = phi.reshape(tokens, hidden)
+    hi = v.to(torch.bfloat16)
+    lo = (v - hi.float()).to(torch.bfloat16)
+    rows = out.view(tokens, n, hidden)
+    for p in range(n):
+        rows[:, p] = lo if splits >> p & 1 else hi
+
+
+@pytest.mark.parametrize("order", ["hl", "hhl", "hlh"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_split_kernel_arguments_give_torchs_split(monkeypatch, order, dim):
+    """fp32 splits go to the one-pass kernel: its (rows, columns, parts, lo mask) give
+    bitwise torch's split, along either dim (dim 0 as a single row of R·C columns)."""
+    v = torch.randn(7, 24) * torch.logspace(-30, 30, 24)
+    want = gpu._split_bf16_cat(v, order, dim)  # CPU: torch's passes
+    monkeypatch.setattr(gpu, "_split_by_kernel", lambda v: True)
+    monkeypatch.setattr(gpu, "launch", _split_as_the_kernel_does)
+    got = gpu._split_bf16_cat(v, order, dim)
+    assert got.shape == want.shape and torch.equal(got.view(torch.int16), want.view(torch.int16))
