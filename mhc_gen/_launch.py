@@ -119,7 +119,8 @@ def _selected(
     tuned = tuning.winners(gpu, torch.__version__, torch.version.cuda)
     try:
         spec = select(op, n, hidden, dtype, arch, table, tuned, bucket)
-        if spec.n is None and policy == "specialize":
+        if spec.n is None and policy == "specialize" and jit.spec_for(op, n, dtype, arch):
+            # (split_dyn has no compile-time-n form: its n counts parts, not streams)
             raise NoKernelError(f"{spec.name} serves n = {n} at run time")
         return mod.launch, table[spec.name]
     except NoKernelError as miss:

@@ -47,6 +47,11 @@ def test_specialize_compiles_compile_time_n(fake):
         Op.PRE_DYN, 3, 100, DType.BF16, "cuda", Arch.SM90, "specialize", "GPU"
     )
     assert (fn, index) == ("jit", 0) and fake == ["pre_dyn_n3_hany_bf16_tm4_sm90"]
+    # The split has no compile-time-n form (its n counts parts): its prebuilt variant serves.
+    fn, index = _launch._selected(
+        Op.SPLIT_DYN, 3, 1088, DType.FP32, "cuda", Arch.SM90, "specialize", "GPU"
+    )
+    assert fn == "prebuilt" and NAMES[index] == "split_dyn_nany_hany_fp32_tm1_sm90"
 
 
 def test_other_arch_compiles_on_demand_or_fails_clearly(fake):
