@@ -152,6 +152,10 @@ def _variant(op: Op, n: int, hidden: int, dtype: DType, device_index: int, token
             return _loader.module(backend).launch, _loader.table(backend)[name]
     gpu = device_name(device_index)
     bucket = tuning.token_bucket(tokens)
+    # An op without a hidden axis has no variant that depends on it: its selection is keyed
+    # without it, so that a shape-dependent value (split_dyn's columns, T·C along the rows)
+    # does not add an entry to _selected's cache for every T.
+    hidden = hidden if op.has_hidden_axis else 1
     return _selected(op, n, hidden, dtype, backend, arch, jit.policy(), gpu, bucket)
 
 

@@ -54,6 +54,19 @@ def test_specialize_compiles_compile_time_n(fake):
     assert fn == "prebuilt" and NAMES[index] == "split_dyn_nany_hany_fp32_tm1_sm90"
 
 
+def test_ops_without_a_hidden_axis_select_once_whatever_their_hidden(fake, monkeypatch):
+    """split_dyn's hidden is its column count (T·C for a split along the rows): one cached
+    selection serves every value, as its one variant does."""
+    monkeypatch.setattr(_launch, "target_arch", lambda index: ("cuda", Arch.SM90))
+    monkeypatch.setattr(_launch, "device_name", lambda index: "GPU")
+    monkeypatch.delenv("MHC_GEN_JIT", raising=False)
+    monkeypatch.delenv("MHC_GEN_DISABLE_JIT", raising=False)
+    for cols in (1088, 2176, 32 * 1088 * 7):
+        fn, index = _launch._variant(Op.SPLIT_DYN, 2, cols, DType.FP32, 0, tokens=1)
+        assert NAMES[index] == "split_dyn_nany_hany_fp32_tm1_sm90"
+    assert _launch._selected.cache_info().currsize == 1
+
+
 def test_other_arch_compiles_on_demand_or_fails_clearly(fake):
     fn, _ = _launch._selected(Op.POST_DYN, 4, 64, DType.FP16, "cuda", Arch.SM80, "missing", "GPU")
     assert fn == "jit" and fake == ["post_dyn_n4_hany_fp16_tm4_sm80"]
