@@ -85,6 +85,11 @@ MHC_DEV void cp_async_wait() {
 #define MHC_ASYNC_COPY 0
 #endif
 
+// Whether a launch may take a vector path: p is null (an absent tensor) or `bytes`-aligned.
+inline bool aligned_to(const void* p, int bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
+}
+
 // expf everywhere: on AMD the builtin lowers to the hardware exp, so the
 // kernels need no device math library (ROCm 5.2 ships none for gfx942).
 #if defined(MHC_HIP)

@@ -55,8 +55,7 @@ int launch_split(const Args& a) {
   const float* v = a.in<float>(kPhi);
   bf16* out = a.out<bf16>(kOut);
   const unsigned mask = unsigned(a.splits);
-  const bool vec = a.hidden % 4 == 0 && reinterpret_cast<uintptr_t>(v) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(out) % 8 == 0;
+  const bool vec = a.hidden % 4 == 0 && aligned_to(v, 16) && aligned_to(out, 8);
   const int64_t groups = vec ? total / 4 : total;
   // Enough blocks to fill any GPU several times over; the loop covers the rest.
   const int64_t want = (groups + 255) / 256;

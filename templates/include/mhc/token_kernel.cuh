@@ -546,10 +546,6 @@ int launch_with_smem(Kernel* kernel, dim3 grid, size_t smem, stream_t stream, co
   return int(last_error());
 }
 
-inline bool aligned_to(const void* p, int bytes) {
-  return p == nullptr || reinterpret_cast<uintptr_t>(p) % uintptr_t(bytes) == 0;
-}
-
 // Host launcher shared by every generated variant.
 template <typename T, int N, int HIDDEN, int TM, Op OP, bool DYN>
 int launch(const Args& a) {
