@@ -410,11 +410,12 @@ def _rms_norm_backward(dy, u32, s, weight):
     return du, (dy.float() * u32 * s).sum(0)
 
 
-def _layer_bwd_blocks_per_sm(n: int) -> int:
+def _layer_bwd_blocks_per_sm(n: int, dynamic: bool) -> int:
     """Blocks an SM for the fused layer backward's grid: 3 where layer_backward.cuh's launch
-    bounds compile it for 3 (compile-time n ≤ 4: the default build's n = 2 and 4), else 2 (a
-    grid-stride loop over token groups, so any grid is correct; this one was measured)."""
-    return 3 if n in (2, 4) else 2
+    bounds compile it for 3 (dynamic H at compile-time n ≤ 4: the default build's n = 2 and
+    4), else 2 (a grid-stride loop over token groups, so any grid is correct; this one was
+    measured)."""
+    return 3 if dynamic and n in (2, 4) else 2
 
 
 def _fused_layer_backward(x) -> bool:
@@ -444,7 +445,7 @@ def _layer_front(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult, z=None, 
         dh_pre = empty((t, n), torch.float32, dev)
         dh_post = empty((t, n), torch.float32, dev)
         dh_res = empty((t, n, n), torch.float32, dev)
-        splits = max(1, min(t, _layer_bwd_blocks_per_sm(n) * _sm_count(dev)))
+        splits = max(1, min(t, _layer_bwd_blocks_per_sm(n, dynamic) * _sm_count(dev)))
         dw_rows = empty((splits, c), torch.float32, dev)
         op = Op.LAYER_BWD_DYN if dynamic else Op.LAYER_BWD_STATIC
         launch(op, dev, DTYPES[x.dtype], n=n, hidden=c, tokens=t, sinkhorn_iters=iters,

@@ -28,27 +28,30 @@ MHC_CX int64_t layer_bwd_smem_floats(int64_t C) { return 3 * ((C + 3) / 4 * 4); 
 
 // Blocks an SM the kernel is compiled for: it is latency-bound (three barrier-separated
 // passes a token; ncu, session 8: 0.86 of 3.88 warps eligible at 2 blocks an SM), so for
-// n ≤ 4 its registers are capped at 80 for 3 blocks, with 8-byte accesses of 16-bit x
-// (layer_bwd_vec) so that pass 3's G tile fits (64–116 bytes of spills at n = 4). Larger n
-// are left unbounded (1): n = 8's 72 pass-3 accumulators take 212–240 registers, and a cap of
-// 128 spills 0.3–0.7 KB. mhc_gen/gpu.py sizes the grid from it.
-template <int NB>
+// dynamic H at n ≤ 4 its registers are capped at 80 for 3 blocks, with 8-byte accesses of
+// 16-bit x (layer_bwd_vec) so that pass 3's G tile fits (64–116 bytes of spills at n = 4):
+// 0.89 → 0.80 ms on the H200 at T = 16384, C = 4096. Static H is left at 2 (the same cap
+// measured 3% slower there: its blocks wait on no Sinkhorn), and so are larger n (1: n = 8's
+// 72 pass-3 accumulators take 212–240 registers; a cap of 128 spills 0.3–0.7 KB).
+// mhc_gen/gpu.py sizes the grid from it.
+template <int NB, bool DYN>
 MHC_CX int layer_bwd_blocks_per_sm() {
-  return NB <= 4 ? 3 : 1;
+  return DYN && NB <= 4 ? 3 : 1;
 }
 
-// Elements a thread moves at once: at most 4 where the register cap applies (CUDA, n ≤ 4).
-template <typename T, int NB>
+// Elements a thread moves at once: at most 4 where the register cap applies (CUDA).
+template <typename T, int NB, bool DYN>
 MHC_CX int layer_bwd_vec() {
 #if defined(MHC_CUDA)
-  return layer_bwd_blocks_per_sm<NB>() > 1 && vec_width<T, NB>() > 4 ? 4 : vec_width<T, NB>();
+  return layer_bwd_blocks_per_sm<NB, DYN>() > 1 && vec_width<T, NB>() > 4 ? 4 : vec_width<T, NB>();
 #else
   return vec_width<T, NB>();
 #endif
 }
 
 #if defined(MHC_CUDA)
-#define MHC_LAYER_BWD_BOUNDS __launch_bounds__(kThreads, layer_bwd_blocks_per_sm<n_bound<N>()>())
+#define MHC_LAYER_BWD_BOUNDS \
+  __launch_bounds__(kThreads, layer_bwd_blocks_per_sm<n_bound<N>(), DYN>())
 #else  // HIP's second bound counts warps an execution unit, not blocks
 #define MHC_LAYER_BWD_BOUNDS __launch_bounds__(kThreads)
 #endif
@@ -255,7 +258,7 @@ int launch_layer_backward(const Args& a) {
     return kMissingInput;
   if (DYN && (!a.p[kZIn] || !a.p[kRIn])) return kMissingInput;
   const stream_t stream = static_cast<stream_t>(a.stream);
-  constexpr int VEC = layer_bwd_vec<T, n_bound<N>()>();
+  constexpr int VEC = layer_bwd_vec<T, n_bound<N>(), DYN>();
   const int vb = VEC * int(sizeof(T));
   const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) &&
                       aligned_to(a.p[kGradOut], vb) && aligned_to(a.p[kGradX], vb) &&
