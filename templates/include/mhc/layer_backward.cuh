@@ -26,17 +26,18 @@ namespace mhc {
 // (rounded up to 4 so that each array starts 16-byte aligned).
 MHC_CX int64_t layer_bwd_smem_floats(int64_t C) { return 3 * ((C + 3) / 4 * 4); }
 
-// Blocks an SM the kernel is compiled for: it is latency-bound (three barrier-separated
-// passes a token; ncu, session 8: 0.86 of 3.88 warps eligible at 2 blocks an SM), so for
-// dynamic H at n ≤ 4 its registers are capped at 80 for 3 blocks, with 8-byte accesses of
-// 16-bit x (layer_bwd_vec) so that pass 3's G tile fits (64–116 bytes of spills at n = 4):
-// 0.89 → 0.80 ms on the H200 at T = 16384, C = 4096. Static H is left at 2 (the same cap
-// measured 3% slower there: its blocks wait on no Sinkhorn), and so are larger n (1: n = 8's
-// 72 pass-3 accumulators take 212–240 registers; a cap of 128 spills 0.3–0.7 KB).
+// Blocks an SM the kernel is compiled for (launch bounds' minimum): it is latency-bound
+// (three barrier-separated passes a token; ncu, session 8: 0.86 of 3.88 warps eligible at 2
+// blocks an SM), so for dynamic H at n ≤ 4 its registers are capped at 80 for 3 blocks, with
+// 8-byte accesses of 16-bit x (layer_bwd_vec) so that pass 3's G tile fits (64–116 bytes of
+// spills at n = 4): 0.89 → 0.80 ms on the H200 at T = 16384, C = 4096. Elsewhere 0, no
+// minimum, ptxas' own choice (PTX identical to no second bound): static H under the same cap
+// measured 3% slower (its blocks wait on no Sinkhorn), and a minimum of 1 lets ptxas take 136
+// registers at static n = 4 and 186 at n = 32, one block an SM (static fwd+bwd 1.31 → 1.61 ms).
 // mhc_gen/gpu.py sizes the grid from it.
 template <int NB, bool DYN>
 MHC_CX int layer_bwd_blocks_per_sm() {
-  return DYN && NB <= 4 ? 3 : 1;
+  return DYN && NB <= 4 ? 3 : 0;
 }
 
 // Elements a thread moves at once: at most 4 where the register cap applies (CUDA).
