@@ -110,6 +110,21 @@ def pre_dynamic(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     return u, h_pre, h_post, h_res, z, r
 
 
+# From this many tokens the static forward ops take H from one single-block launch of the
+# static coefficients, read by every block, instead of each block's first warp running the
+# Sinkhorn while its other warps wait (bitwise the same H). Below it the blocks are few and
+# their Sinkhorns run side by side, cheaper than a second launch.
+_STATIC_H_ONCE_MIN_TOKENS = 4096
+
+
+def _static_h(x, b, iters, eps_sk, post_mult) -> dict:
+    """The static H as launch arguments (h_pre_in, h_post_in, h_res_in), or none."""
+    if x.shape[0] < _STATIC_H_ONCE_MIN_TOKENS:
+        return {}
+    h_pre, h_post, h_res = static_coefficients(b, x.shape[1], iters, eps_sk, post_mult)
+    return dict(h_pre_in=h_pre, h_post_in=h_post, h_res_in=h_res)
+
+
 def pre_static(x, b, iters, eps_sk, post_mult, u_fp32=False):
     """u = H_pre·x in x's dtype, or in fp32 (the seed layer's backward recomputes it)."""
     t, n, c = _dims(x)
@@ -117,7 +132,8 @@ def pre_static(x, b, iters, eps_sk, post_mult, u_fp32=False):
     if t:
         launch(Op.PRE_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, bias=b,
-               out=None if u_fp32 else u, u_f32=u if u_fp32 else None)  # fmt: skip
+               out=None if u_fp32 else u, u_f32=u if u_fp32 else None,
+               **_static_h(x, b, iters, eps_sk, post_mult))  # fmt: skip
     return u
 
 
@@ -136,7 +152,7 @@ def post_static(x, y, b, iters, eps_sk, post_mult):
     if t:
         launch(Op.POST_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, y=y, bias=b,
-               out=out)  # fmt: skip
+               out=out, **_static_h(x, b, iters, eps_sk, post_mult))  # fmt: skip
     return out
 
 
@@ -159,7 +175,8 @@ def layer_static(x, weight, b, iters, eps_rms, eps_sk, post_mult):
     if t:
         launch(Op.LAYER_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
-               x=x, bias=b, norm_weight=weight, out=out)  # fmt: skip
+               x=x, bias=b, norm_weight=weight, out=out,
+               **_static_h(x, b, iters, eps_sk, post_mult))  # fmt: skip
     return out
 
 

@@ -289,3 +289,29 @@ def test_split_kernel_arguments_give_torchs_split(monkeypatch, order, dim):
     monkeypatch.setattr(gpu, "launch", _split_as_the_kernel_does)
     got = gpu._split_bf16_cat(v, order, dim)
     assert got.shape == want.shape and torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_static_forward_ops_take_h_from_one_launch_with_many_tokens(monkeypatch):
+    """From _STATIC_H_ONCE_MIN_TOKENS tokens the static forward ops launch the static
+    coefficients once and hand their H to the kernel; below it they hand none."""
+    calls = []
+    monkeypatch.setattr(gpu, "launch", lambda op, device, dtype, **kw: calls.append((op, kw)))
+    v = _inputs()
+    ops = (
+        lambda: gpu.pre_static(v["x"], v["b"], 20, 1e-6, 2),
+        lambda: gpu.post_static(v["x"], v["y"], v["b"], 20, 1e-6, 2),
+        lambda: gpu.layer_static(v["x"], v["w"], v["b"], 20, 1e-6, 1e-6, 2),
+    )
+    for threshold, once in ((T, True), (T + 1, False)):
+        monkeypatch.setattr(gpu, "_STATIC_H_ONCE_MIN_TOKENS", threshold)
+        for call in ops:
+            calls.clear()
+            call()
+            kw = calls[-1][1]
+            given = [kw.get(k) for k in ("h_pre_in", "h_post_in", "h_res_in")]
+            if once:
+                assert calls[0][0] is Op.COEFFS_STATIC
+                h = [calls[0][1][k] for k in ("h_pre", "h_post", "h_res")]
+                assert all(a is b for a, b in zip(given, h, strict=True))
+            else:
+                assert len(calls) == 1 and given == [None, None, None]

@@ -110,12 +110,17 @@ def test_forward_variant(name, data):
     y = torch.randn(*lead, c, generator=p["gen"]).to(dtype).to(dev)
     phi, alpha, b, w = p["phi"], p["alpha"], p["b"], p["weight"]
     kw = dict(sinkhorn_iters=data.draw(st.sampled_from([20, 20, 5, 0]), label="iters"))
+    # Static H from one coefficients launch (as from _STATIC_H_ONCE_MIN_TOKENS tokens) or
+    # computed in each block.
+    static_fwd = spec.op in (Op.PRE_STATIC, Op.POST_STATIC, Op.LAYER_STATIC)
+    h_once = data.draw(st.booleans(), label="static_h_once") if static_fwd else False
     ref_dyn = reference.dynamic_coefficients(_d(x), _d(phi), _d(alpha), _d(b), **kw)
     ref_static = reference.static_coefficients(_d(b), n, **kw)
 
     with (
         forced_variant(name),
         mock.patch.object(gpu, "_gemm_projection", lambda x: gemm),
+        mock.patch.object(gpu, "_STATIC_H_ONCE_MIN_TOKENS", 0 if h_once else 1 << 62),
     ):
         if spec.op is Op.COEFFS_DYN:
             got = _run_twice(lambda: mhc_gen.dynamic_coefficients(x, phi, alpha, b, **kw))
@@ -174,6 +179,30 @@ def _check_split(name, data):
     with forced_variant(name):
         (got,) = _run_twice(lambda: gpu._split_bf16_cat(dev_v, order, dim))
     assert bitwise_equal(got.cpu(), want), f"split {order} along {dim} differs from torch's"
+
+
+@pytest.mark.parametrize("op", ["pre_static", "post_static", "layer_static"])
+@pytest.mark.parametrize(("n", "c"), [(4, 4096), (3, 77), (32, 64)])
+def test_static_h_once_is_bitwise_the_per_block_h(op, n, c):
+    """A static forward op handed H from one coefficients launch (many tokens) gives bitwise
+    the result of its blocks computing H themselves (few tokens): the same coefficients()."""
+    g = torch.Generator().manual_seed(1000 * n + c)
+    dev = torch.device("cuda")
+    x = torch.randn(37, n, c, generator=g).bfloat16().to(dev)
+    y = torch.randn(37, c, generator=g).bfloat16().to(dev)
+    b = (2 * torch.randn(reference.num_logits(n), generator=g)).to(dev)
+    w = (1 + 0.2 * torch.randn(c, generator=g)).to(dev)
+    call = {
+        "pre_static": lambda: mhc_gen.pre_static(x, b),
+        "post_static": lambda: mhc_gen.post_static(x, y, b),
+        "layer_static": lambda: mhc_gen.layer_static(x, w, b),
+    }[op]
+    outs = []
+    for threshold in (0, 1 << 62):
+        with mock.patch.object(gpu, "_STATIC_H_ONCE_MIN_TOKENS", threshold), poisoned_outputs():
+            outs.append(call())
+    assert not outs[0].isnan().any()
+    assert bitwise_equal(outs[0], outs[1]), f"{op}: H from one launch differs bitwise"
 
 
 @pytest.mark.parametrize(

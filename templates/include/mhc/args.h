@@ -23,7 +23,10 @@ enum Ptr : int {
   kBias,        // [m] fp32: b, or the static logits
   kNormWeight,  // [C] fp32: the seed layer's RMSNorm weight
   kHPostIn,     // [T, n] fp32: per-token H_post for post
-  kHResIn,      // [T, n, n] fp32: per-token H_res for post
+  kHResIn,      // [T, n, n] fp32: per-token H_res for post; [n, n] static H_res for the
+                //   static forward ops, with kHPreIn and kHPostIn [n] (else null: each block
+                //   computes the static H itself)
+  kHPreIn,      // [n] fp32: static H_pre (see kHResIn)
   // backward inputs
   kGradOut,       // ∂x_next [T, n, C] (post) or ∂u [T, C] (pre), the variant's dtype
   kGradHPreIn,    // [T, n] (or [n] static) fp32 upstream ∂H_pre; may be null

@@ -236,6 +236,19 @@ MHC_DEV void store_coefficients(const Args& a, int n, int slot, int64_t t,
     for (int j = 0; j < n; ++j) h[(t * n + lane) * n + j] = s.h_res[slot][lane][j];
 }
 
+// Slot 0's static H from the caller (kHPreIn, kHPostIn, kHResIn: one single-block launch
+// of the static coefficients computed them with coefficients(), so every result is bitwise
+// the same), instead of each block's first warp running the Sinkhorn while the others wait.
+template <int NB, int TM, int SLOTS>
+MHC_DEV void load_static_coefficients(const Args& a, int n, Shared<NB, TM, SLOTS>& s) {
+  for (int idx = threadIdx.x; idx < n * n; idx += kThreads)
+    s.h_res[0][idx / n][idx % n] = a.in<float>(kHResIn)[idx];
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    s.h_pre[0][i] = a.in<float>(kHPreIn)[i];
+    s.h_post[0][i] = a.in<float>(kHPostIn)[i];
+  }
+}
+
 // u = Σ_j H_pre[j]·x[j] for one token and VEC columns at c, streams in ascending order: the
 // one order every kernel uses, so that the layer's backward recomputes the forward's u bitwise.
 template <typename T, int NB, int VEC>
@@ -378,11 +391,11 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
       s.h_post[t][i] = a.in<float>(kHPostIn)[row];
       for (int j = 0; j < n; ++j) s.h_res[t][i][j] = a.in<float>(kHResIn)[row * n + j];
     }
-  } else {
-    if (warp == 0) {
-      coefficients<NB, TM, SLOTS>(a, n, 0, nullptr, 1.0f, s);
-      if (blockIdx.x == 0 && blockIdx.y == 0) store_coefficients<NB, TM, SLOTS>(a, n, 0, 0, s);
-    }
+  } else if (OP != Op::Coeffs && a.in<float>(kHResIn)) {
+    load_static_coefficients<NB, TM, SLOTS>(a, n, s);
+  } else if (warp == 0) {
+    coefficients<NB, TM, SLOTS>(a, n, 0, nullptr, 1.0f, s);
+    if (blockIdx.x == 0 && blockIdx.y == 0) store_coefficients<NB, TM, SLOTS>(a, n, 0, 0, s);
   }
   __syncthreads();
   if constexpr (OP == Op::Coeffs) return;
@@ -494,7 +507,9 @@ __global__ void __launch_bounds__(kThreads) staged_layer_kernel(Args a) {
   T* const staged = reinterpret_cast<T*>(staged_x);  // token t in buffer t % 2
 
   stage_copy(staged, x + t0 * K, K);
-  if (threadIdx.x / kWarp == 0) {
+  if (a.in<float>(kHResIn)) {
+    load_static_coefficients<NB, TM, 1>(a, n, s);
+  } else if (threadIdx.x / kWarp == 0) {
     coefficients<NB, TM, 1>(a, n, 0, nullptr, 1.0f, s);
     if (blockIdx.x == 0) store_coefficients<NB, TM, 1>(a, n, 0, 0, s);
   }
@@ -555,6 +570,8 @@ int launch(const Args& a) {
   const int64_t blocks = static_coeffs ? 1 : (a.tokens + TM - 1) / TM;
   if (blocks == 0) return kOk;
   const stream_t stream = static_cast<stream_t>(a.stream);
+  if (!DYN && OP != Op::Coeffs && a.p[kHResIn] && (!a.p[kHPreIn] || !a.p[kHPostIn]))
+    return kMissingInput;  // a given static H comes whole
   const bool project = DYN && OP != Op::Post && a.p[kZIn] == nullptr;
   if constexpr (OP == Op::Coeffs) {
     const dim3 grid{unsigned(blocks)};
