@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import mhc_gen  # noqa: E402
-from benchmarks.bench import time_cold, time_graph  # noqa: E402
+from benchmarks.bench import copy_bandwidth, time_cold, time_graph  # noqa: E402
 from mhc_gen import gpu, reference  # noqa: E402
 from mhc_gen.testing import bitwise_equal  # noqa: E402
 
@@ -58,6 +58,7 @@ def compare(name: str, fn, rounds: int) -> str:
 
 
 def main(rounds: int = 3) -> None:
+    print(f"{torch.cuda.get_device_name()}: copy {copy_bandwidth():.2f} TB/s", flush=True)
     for t, c, n, dtype in SIZES:
         x = torch.randn(t, n, c, device="cuda").to(dtype)
         y = torch.randn(t, c, device="cuda").to(dtype)
