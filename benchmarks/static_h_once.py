@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""The static forward ops with H from one coefficients launch against H computed in each
-block (mhc_gen.gpu._STATIC_H_ONCE_MIN_TOKENS), in one process: alternating rounds, cold
-and graph-replay ms, and whether the two give bitwise the same output.
+"""The static ops (forward; pre's and post's backward) with H from one coefficients launch
+against H computed in each block (mhc_gen.gpu._STATIC_H_ONCE_MIN_TOKENS), in one process:
+alternating rounds, cold and graph-replay ms, and whether the two give bitwise the same
+outputs.
 
     python3 benchmarks/static_h_once.py
 """
@@ -46,10 +47,14 @@ def compare(name: str, fn, rounds: int) -> str:
     for _, tokens in MODES:
         with threshold(tokens):
             outs.append(fn())
+    same = all(
+        bitwise_equal(a, b)
+        for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in outs), strict=True)
+    )
     cells = " | ".join(
         f"{mode} " + " ".join(f"{a:.4f}/{g:.4f}" for a, g in v) for mode, v in times.items()
     )
-    return f"{name}: {cells} | bitwise {bitwise_equal(*outs)}"
+    return f"{name}: {cells} | bitwise {same}"
 
 
 def main(rounds: int = 3) -> None:
@@ -59,10 +64,17 @@ def main(rounds: int = 3) -> None:
         y = torch.randn(t, c, device="cuda").to(dtype)
         b = torch.randn(reference.num_logits(n), device="cuda")
         w = torch.ones(c, device="cuda")
+        g = torch.randn(t, n, c, device="cuda").to(dtype)
         ops = {
             "pre_static": functools.partial(mhc_gen.pre_static, x, b),
             "post_static": functools.partial(mhc_gen.post_static, x, y, b),
             "layer_static": functools.partial(mhc_gen.layer_static, x, w, b),
+            "pre_static backward": functools.partial(
+                gpu.pre_static_backward, y, x, b, 20, 1e-6, 2.0
+            ),
+            "post_static backward": functools.partial(
+                gpu.post_static_backward, g, x, y, b, 20, 1e-6, 2.0
+            ),
         }
         for name, fn in ops.items():
             print(f"{t}x{c} n={n} {str(dtype)[6:]} " + compare(name, fn, rounds), flush=True)

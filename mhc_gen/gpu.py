@@ -110,10 +110,11 @@ def pre_dynamic(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     return u, h_pre, h_post, h_res, z, r
 
 
-# From this many tokens the static forward ops take H from one single-block launch of the
-# static coefficients, read by every block, instead of each block's first warp running the
-# Sinkhorn while its other warps wait (bitwise the same H). Below it the blocks are few and
-# their Sinkhorns run side by side, cheaper than a second launch.
+# From this many tokens the static ops (forward, and pre's and post's backward) take H from
+# one single-block launch of the static coefficients, read by every block, instead of each
+# block's first warp running the Sinkhorn while its other warps wait (bitwise the same H).
+# Below it the blocks are few and their Sinkhorns run side by side, cheaper than a second
+# launch.
 _STATIC_H_ONCE_MIN_TOKENS = 4096
 
 
@@ -228,7 +229,8 @@ def _post_static_grads(grad, x, y, b, iters, eps_sk, post_mult, y_f32):
         launch(Op.POST_BWD_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x,
                y=y if y_f32 is None else None, y_f32=y_f32, bias=b, grad_out=grad, grad_x=dx,
-               grad_y=dy, grad_h_post=dh_post, grad_h_res=dh_res)  # fmt: skip
+               grad_y=dy, grad_h_post=dh_post, grad_h_res=dh_res,
+               **_static_h(x, b, iters, eps_sk, post_mult))  # fmt: skip
     return dx, dy, dh_post.sum(0), dh_res.sum(0)
 
 
@@ -248,8 +250,8 @@ def _pre_static_grads(grad_u, x, b, iters, eps_sk, post_mult, grad_x_in):
     if t:
         launch(Op.PRE_BWD_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, bias=b,
-               grad_out=grad_u, grad_x_in=grad_x_in, grad_x=dx,
-               grad_h_pre=dh_pre)  # fmt: skip
+               grad_out=grad_u, grad_x_in=grad_x_in, grad_x=dx, grad_h_pre=dh_pre,
+               **_static_h(x, b, iters, eps_sk, post_mult))  # fmt: skip
     return dx, dh_pre.sum(0)
 
 

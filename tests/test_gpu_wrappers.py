@@ -291,23 +291,27 @@ def test_split_kernel_arguments_give_torchs_split(monkeypatch, order, dim):
     assert got.shape == want.shape and torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
-def test_static_forward_ops_take_h_from_one_launch_with_many_tokens(monkeypatch):
-    """From _STATIC_H_ONCE_MIN_TOKENS tokens the static forward ops launch the static
-    coefficients once and hand their H to the kernel; below it they hand none."""
+def test_static_ops_take_h_from_one_launch_with_many_tokens(monkeypatch):
+    """From _STATIC_H_ONCE_MIN_TOKENS tokens the static ops (forward; pre's and post's
+    backward) launch the static coefficients once and hand their H to the kernel; below it
+    they hand none."""
     calls = []
     monkeypatch.setattr(gpu, "launch", lambda op, device, dtype, **kw: calls.append((op, kw)))
     v = _inputs()
+    g = torch.randn(T, N, C).to(torch.bfloat16)
     ops = (
         lambda: gpu.pre_static(v["x"], v["b"], 20, 1e-6, 2),
         lambda: gpu.post_static(v["x"], v["y"], v["b"], 20, 1e-6, 2),
         lambda: gpu.layer_static(v["x"], v["w"], v["b"], 20, 1e-6, 1e-6, 2),
+        lambda: gpu._pre_static_grads(g[:, 0], v["x"], v["b"], 20, 1e-6, 2, None),
+        lambda: gpu._post_static_grads(g, v["x"], v["y"], v["b"], 20, 1e-6, 2, None),
     )
     for threshold, once in ((T, True), (T + 1, False)):
         monkeypatch.setattr(gpu, "_STATIC_H_ONCE_MIN_TOKENS", threshold)
         for call in ops:
             calls.clear()
             call()
-            kw = calls[-1][1]
+            kw = calls[1 if once else 0][1]
             given = [kw.get(k) for k in ("h_pre_in", "h_post_in", "h_res_in")]
             if once:
                 assert calls[0][0] is Op.COEFFS_STATIC

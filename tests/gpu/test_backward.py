@@ -179,12 +179,42 @@ def test_backward_variant(name, data):
     gemm = data.draw(st.booleans(), label="dz_phi_gemm")
     # ∂φ: cuBLAS GEMMs on CUDA by default; the variant under test is the ROCm path's kernel.
     phi_kernel = spec.op is Op.PHI_GRAD_DYN
+    # Static H from one coefficients launch (as from _STATIC_H_ONCE_MIN_TOKENS tokens) or
+    # computed in each block.
+    h_once = data.draw(st.booleans(), label="static_h_once")
     with (
         mhc_gen.forced_variant(name),
         mock.patch.object(gpu, "_gemm_dz_phi", lambda x, n: gemm),
         mock.patch.object(gpu, "_gemm_phi_grad", lambda x: not phi_kernel and x.is_cuda),
+        mock.patch.object(gpu, "_STATIC_H_ONCE_MIN_TOKENS", 0 if h_once else 1 << 62),
     ):
         _check(fn, ref, names, v, dtype, seed + 1, name)
+
+
+@pytest.mark.parametrize("op", ["pre", "post"])
+@pytest.mark.parametrize(("n", "c"), [(4, 4096), (3, 77), (32, 64)])
+def test_static_h_once_is_bitwise_the_per_block_h(op, n, c):
+    """Pre's and post's static backward handed H from one coefficients launch (many tokens)
+    give bitwise the gradients of their blocks computing H themselves (few tokens)."""
+    g = torch.Generator().manual_seed(1000 * n + c)
+    dev = torch.device("cuda")
+    x = torch.randn(37, n, c, generator=g).bfloat16().to(dev)
+    y = torch.randn(37, c, generator=g).bfloat16().to(dev)
+    b = (2 * torch.randn(R.num_logits(n), generator=g)).to(dev)
+    if op == "pre":
+        du = torch.randn(37, c, generator=g).bfloat16().to(dev)
+        call = lambda: gpu.pre_static_backward(du, x, b, 20, 1e-6, 2.0)  # noqa: E731
+    else:
+        dout = torch.randn(37, n, c, generator=g).bfloat16().to(dev)
+        call = lambda: gpu.post_static_backward(dout, x, y, b, 20, 1e-6, 2.0)  # noqa: E731
+    outs = []
+    for threshold in (0, 1 << 62):
+        with mock.patch.object(gpu, "_STATIC_H_ONCE_MIN_TOKENS", threshold):
+            with mhc_gen.poisoned_outputs():
+                outs.append(call())
+    for a, b_ in zip(*outs, strict=True):
+        assert not a.isnan().any()
+        assert bitwise_equal(a, b_), f"{op}: H from one launch differs bitwise"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

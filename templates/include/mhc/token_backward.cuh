@@ -120,14 +120,22 @@ __global__ void __launch_bounds__(kThreads) post_bwd_kernel(Args a) {
     }
   }
   if constexpr (!DYN) {
-    // Static H from the logits, by the forward's own code: the same bits.
-    __shared__ Shared<NB, 1, 1> hs;
-    if (threadIdx.x < kWarp) coefficients<NB, 1, 1>(a, n, 0, nullptr, 1.0f, hs);
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < n * n; idx += kThreads) {
-      const int i = idx / n, j = idx % n;
-      s.h_res[0][i][j] = hs.h_res[0][i][j];
-      if (j == 0) s.h_post[0][i] = hs.h_post[0][i];
+    if (const float* h_res = a.in<float>(kHResIn)) {  // computed once by the caller
+      for (int idx = threadIdx.x; idx < n * n; idx += kThreads) {
+        const int i = idx / n, j = idx % n;
+        s.h_res[0][i][j] = h_res[idx];
+        if (j == 0) s.h_post[0][i] = a.in<float>(kHPostIn)[i];
+      }
+    } else {
+      // Static H from the logits, by the forward's own code: the same bits.
+      __shared__ Shared<NB, 1, 1> hs;
+      if (threadIdx.x < kWarp) coefficients<NB, 1, 1>(a, n, 0, nullptr, 1.0f, hs);
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < n * n; idx += kThreads) {
+        const int i = idx / n, j = idx % n;
+        s.h_res[0][i][j] = hs.h_res[0][i][j];
+        if (j == 0) s.h_post[0][i] = hs.h_post[0][i];
+      }
     }
   }
   __syncthreads();
@@ -734,11 +742,15 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_static_kernel(Args a) {
       for (int k = threadIdx.x; k < nt * n; k += kThreads)
         dh_pre[t0 * n + k] = sum_partials<TM * NB>(s.partial, (k / n) * NB + k % n);
   }
-  // Static H_pre from the logits, computed as the forward does.
-  __shared__ Shared<NB, 1, 1> hs;
-  if (threadIdx.x < kWarp) coefficients<NB, 1, 1>(a, n, 0, nullptr, 1.0f, hs);
-  __syncthreads();
-  for (int j = threadIdx.x; j < n; j += kThreads) s.h_pre[0][j] = hs.h_pre[0][j];
+  // Static H_pre: computed once by the caller, or from the logits as the forward does.
+  if (const float* h_pre = a.in<float>(kHPreIn)) {
+    for (int j = threadIdx.x; j < n; j += kThreads) s.h_pre[0][j] = h_pre[j];
+  } else {
+    __shared__ Shared<NB, 1, 1> hs;
+    if (threadIdx.x < kWarp) coefficients<NB, 1, 1>(a, n, 0, nullptr, 1.0f, hs);
+    __syncthreads();
+    for (int j = threadIdx.x; j < n; j += kThreads) s.h_pre[0][j] = hs.h_pre[0][j];
+  }
   __syncthreads();
   if (a.out<T>(kGradX)) pre_dx<T, NB, TM, false, VEC>(a, n, C, t0, nt, s.h_pre, nullptr, nullptr);
 }
@@ -882,6 +894,8 @@ int launch_backward(const Args& a) {
   if (HIDDEN && a.hidden != HIDDEN) return kBadHidden;
   const stream_t stream = static_cast<stream_t>(a.stream);
   const int64_t blocks = (a.tokens + TM - 1) / TM;
+  if (OP == BwdOp::Post && !DYN && a.p[kHResIn] && !a.p[kHPostIn])
+    return kMissingInput;  // a given static H comes whole
   if constexpr (OP == BwdOp::Coeffs) {
     coeffs_bwd_static_kernel<n_bound<N>()><<<1, kThreads, 0, stream>>>(a);
   } else if constexpr (OP == BwdOp::PhiGrad) {
