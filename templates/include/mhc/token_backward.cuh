@@ -578,10 +578,23 @@ struct PreDxMmaShared {
   alignas(16) float tile[kWarps][kMmaTokens][kMmaK + 8];
 };
 
+// Dynamic shared memory of pre_bwd_dx_mma_kernel: each warp's epilogue x tile (16 tokens ×
+// kMmaK channels) for 16-bit T, 16 KB, which keep 4 blocks an SM (x and ∂x_in both, 32 KB and
+// 3 blocks, measured 0.741 → 0.83 ms on the H200); fp32 x would take 32 KB and keeps its
+// loads in the epilogue (0 bytes).
+template <typename T>
+MHC_CX int64_t dx_mma_prefetch_bytes() {
+  return sizeof(T) == 2 ? int64_t(kWarps) * kMmaTokens * kMmaK * int64_t(sizeof(T)) : 0;
+}
+
 // pre_bwd_dx_kernel with the ∂z·φᵀ term on tensor cores; VEC = 16 bytes of T (C a
-// multiple of VEC and every [T, n, C] pointer 16-byte aligned).
+// multiple of VEC and every [T, n, C] pointer 16-byte aligned). For 16-bit T each warp's
+// x tile of stream j is copied into shared memory (cp.async) before its mma's,
+// so that their DRAM latency passes under the φ loads and products instead of after them
+// (the epilogue, unrolled over 4 rows, otherwise waits for each row's loads in turn).
 template <typename T, int N, int HIDDEN, int VEC, bool PAIRS>
 __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
+  constexpr bool kPrefetch = dx_mma_prefetch_bytes<T>() > 0;
   constexpr int NB = n_bound<N>() < kMmaMaxN ? n_bound<N>() : kMmaMaxN;  // the launcher
   constexpr int TM = kMmaTokens;                                         // checks n ≤ NB
   constexpr int KS = (num_logits(NB) + 15) / 16;                         // k-steps of 16 logits
@@ -620,8 +633,26 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
   // rows are read from memory once and reused from cache for each j; and blocks are
   // small enough that the last wave is short.
   const int64_t c_lo = int64_t(blockIdx.y) * kMmaChunk + int64_t(warp) * kMmaK;
+  // The epilogue's lane layout: VEC consecutive c of one token, rows lane / kLanesPerRow
+  // + i·kRowsPerPass.
+  constexpr int kLanesPerRow = kMmaK / VEC;
+  constexpr int kRowsPerPass = kWarp / kLanesPerRow;
+  const int col = (lane % kLanesPerRow) * VEC;
+  const int64_t c = c_lo + col;
+  extern __shared__ float4 prefetch_smem[];
+  T* px = reinterpret_cast<T*>(prefetch_smem) + warp * kMmaTokens * kMmaK;
   for (int j = 0; j < n; ++j) {
     const int64_t kb = int64_t(j) * C + c_lo;  // the warp's first k
+    if constexpr (kPrefetch) {
+      if (c < C) {  // each lane copies the 16-byte pieces its epilogue reads, and only those
+#pragma unroll
+        for (int i = 0; i < kMmaTokens / kRowsPerPass; ++i) {
+          const int t = lane / kLanesPerRow + i * kRowsPerPass;
+          if (t < nt) async_copy16(px + t * kMmaK + col, x + t * K + kb + col);
+        }
+      }
+      async_commit();
+    }
 #pragma unroll
     for (int nb = 0; nb < kMmaK / 8; ++nb) {
       // B: φ[k][q] for this lane's k (column g of the n8 tile) and logit pairs. The loads
@@ -659,11 +690,8 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
       *reinterpret_cast<float2*>(&tile[g + 8][nb * 8 + c2]) = make_float2(d[2], d[3]);
     }
     sync_warp();
+    if constexpr (kPrefetch) stage_wait();  // this lane's copies (it reads only those)
     // Epilogue: VEC consecutive c of one token a lane; + H_pre[j]·∂u + ∂r·x̄ (+ ∂x_in).
-    constexpr int kLanesPerRow = kMmaK / VEC;
-    constexpr int kRowsPerPass = kWarp / kLanesPerRow;
-    const int col = (lane % kLanesPerRow) * VEC;
-    const int64_t c = c_lo + col;
     if (c < C) {  // C is a multiple of VEC: the whole vector is in range
       const int64_t k0 = kb + col;
       // Unrolled over the tile's rows (a predicate, not the loop bound, stops a short
@@ -681,7 +709,10 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
 #pragma unroll
           for (int e = 0; e < VEC; ++e) v[e] += s.in.h_pre[t][j] * in[e];
         }
-        load_pack_ro<T, VEC>(x + t * K + k0, in);
+        if constexpr (kPrefetch)
+          load_pack<T, VEC>(px + t * kMmaK + col, in);
+        else
+          load_pack_ro<T, VEC>(x + t * K + k0, in);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) v[e] += s.in.dr[t] * in[e];
         if (dx_in) {
@@ -694,6 +725,12 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
     }
     sync_warp();
   }
+}
+
+template <typename T, int N, int HIDDEN, int VEC, bool PAIRS>
+int launch_dx_mma(dim3 grid, stream_t stream, const Args& a) {
+  return launch_with_smem(pre_bwd_dx_mma_kernel<T, N, HIDDEN, VEC, PAIRS>, grid,
+                          size_t(dx_mma_prefetch_bytes<T>()), stream, a);
 }
 #endif  // MHC_CUDA
 
@@ -868,15 +905,11 @@ int launch_pre_backward(const Args& a, stream_t stream) {
                       unsigned((a.hidden + kMmaChunk - 1) / kMmaChunk));
       if constexpr (N == 0) {
         if (mma_ok) {
-          if (pairs)
-            pre_bwd_dx_mma_kernel<T, N, HIDDEN, MV, true><<<grid, kThreads, 0, stream>>>(a);
-          else
-            pre_bwd_dx_mma_kernel<T, N, HIDDEN, MV, false><<<grid, kThreads, 0, stream>>>(a);
-          return kOk;
+          return pairs ? launch_dx_mma<T, N, HIDDEN, MV, true>(grid, stream, a)
+                       : launch_dx_mma<T, N, HIDDEN, MV, false>(grid, stream, a);
         }
       } else if (mma_ok && pairs == kPairs) {
-        pre_bwd_dx_mma_kernel<T, N, HIDDEN, MV, kPairs><<<grid, kThreads, 0, stream>>>(a);
-        return kOk;
+        return launch_dx_mma<T, N, HIDDEN, MV, kPairs>(grid, stream, a);
       }
     }
 #endif

@@ -479,6 +479,22 @@ MHC_DEV void stage_copy(T* dst, const T* src, int64_t K) {
 #endif
 }
 
+// 16 bytes from global to shared memory, asynchronously where the GPU can (visible to the
+// copying thread after async_commit and stage_wait), else through registers.
+MHC_DEV void async_copy16(void* dst, const void* src) {
+#if MHC_ASYNC_COPY
+  cp_async16(dst, src);
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+MHC_DEV void async_commit() {
+#if MHC_ASYNC_COPY
+  cp_async_commit();
+#endif
+}
+
 MHC_DEV void stage_wait() {
 #if MHC_ASYNC_COPY
   cp_async_wait<0>();
