@@ -24,6 +24,7 @@ def variant_values(spec: KernelSpec) -> dict[str, str]:
     """The template's values, each already a C++ literal or identifier."""
     return {
         "name": spec.name,
+        "target_sm": spec.arch.token[2:] if spec.arch.backend == "cuda" else "0",
         "symbol": spec.symbol,
         "ctype": spec.dtype.ctype,
         "n": str(spec.n or 0),

@@ -243,15 +243,18 @@ def post_static_backward(grad, x, y, b, iters, eps_sk, post_mult, y_f32=None):
 
 
 def _pre_static_grads(grad_u, x, b, iters, eps_sk, post_mult, grad_x_in):
-    """(∂x, Σ_t ∂H_pre) of u = H_pre·x with the static H of logits b."""
+    """(∂x, Σ_t ∂H_pre) of u = H_pre·x with the static H of logits b. fp32 keeps the
+    per-block H: H computed once measured 0.728 → 0.820 ms there (H200, T = 16384, C = 4096,
+    n = 4; bf16 0.568 → 0.491)."""
     t, n, c = _dims(x)
     dx = empty(x.shape, x.dtype, x.device)
     dh_pre = empty((t, n), torch.float32, x.device)
+    h = {} if x.dtype == torch.float32 else _static_h(x, b, iters, eps_sk, post_mult)
     if t:
         launch(Op.PRE_BWD_STATIC, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_sk=eps_sk, post_mult=post_mult, x=x, bias=b,
                grad_out=grad_u, grad_x_in=grad_x_in, grad_x=dx, grad_h_pre=dh_pre,
-               **_static_h(x, b, iters, eps_sk, post_mult))  # fmt: skip
+               **h)  # fmt: skip
     return dx, dh_pre.sum(0)
 
 

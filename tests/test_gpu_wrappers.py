@@ -319,3 +319,7 @@ def test_static_ops_take_h_from_one_launch_with_many_tokens(monkeypatch):
                 assert all(a is b for a, b in zip(given, h, strict=True))
             else:
                 assert len(calls) == 1 and given == [None, None, None]
+    # fp32 pre backward keeps the per-block H (measured faster).
+    calls.clear()
+    gpu._pre_static_grads(g[:, 0].float(), v["x"].float(), v["b"], 20, 1e-6, 2, None)
+    assert len(calls) == 1 and calls[0][1].get("h_pre_in") is None

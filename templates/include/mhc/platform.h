@@ -84,6 +84,9 @@ MHC_DEV void cp_async_wait() {
 #ifndef MHC_ASYNC_COPY
 #define MHC_ASYNC_COPY 0
 #endif
+#ifndef MHC_TARGET_SM  // set by each generated variant: its NVIDIA arch, 0 on HIP
+#define MHC_TARGET_SM 0
+#endif
 
 // Whether a launch may take a vector path: p is null (an absent tensor) or `bytes`-aligned.
 inline bool aligned_to(const void* p, int bytes) {

@@ -579,12 +579,15 @@ struct PreDxMmaShared {
 };
 
 // Dynamic shared memory of pre_bwd_dx_mma_kernel: each warp's epilogue x tile (16 tokens ×
-// kMmaK channels) for 16-bit T, 16 KB, which keep 4 blocks an SM (x and ∂x_in both, 32 KB and
-// 3 blocks, measured 0.741 → 0.83 ms on the H200); fp32 x would take 32 KB and keeps its
-// loads in the epilogue (0 bytes).
+// kMmaK channels) for 16-bit T on sm_90, 16 KB, which keep 4 blocks an SM there (H200: 0.741
+// → 0.670 ms at n = 4, T = 16384, C = 4096, bf16; x and ∂x_in both, 32 KB and 3 blocks, 0.83).
+// Elsewhere the loads stay in the epilogue (0 bytes): fp32 x would take 32 KB, an A100's 164
+// KB an SM would hold 2 such blocks instead of 4, and sm_100 compiles it to 80 registers.
 template <typename T>
 MHC_CX int64_t dx_mma_prefetch_bytes() {
-  return sizeof(T) == 2 ? int64_t(kWarps) * kMmaTokens * kMmaK * int64_t(sizeof(T)) : 0;
+  return sizeof(T) == 2 && MHC_TARGET_SM == 90
+             ? int64_t(kWarps) * kMmaTokens * kMmaK * int64_t(sizeof(T))
+             : 0;
 }
 
 // pre_bwd_dx_kernel with the ∂z·φᵀ term on tensor cores; VEC = 16 bytes of T (C a
