@@ -591,10 +591,11 @@ MHC_CX int64_t dx_mma_prefetch_bytes() {
 }
 
 // pre_bwd_dx_kernel with the ∂z·φᵀ term on tensor cores; VEC = 16 bytes of T (C a
-// multiple of VEC and every [T, n, C] pointer 16-byte aligned). For 16-bit T each warp's
-// x tile of stream j is copied into shared memory (cp.async) before its mma's,
-// so that their DRAM latency passes under the φ loads and products instead of after them
-// (the epilogue, unrolled over 4 rows, otherwise waits for each row's loads in turn).
+// multiple of VEC and every [T, n, C] pointer 16-byte aligned). Where
+// dx_mma_prefetch_bytes gives room (16-bit T on sm_90) each warp's x tile of stream j is
+// copied into shared memory (cp.async) before its mma's, so that their DRAM latency passes
+// under the φ loads and products instead of after them (the epilogue, unrolled over 4 rows,
+// otherwise waits for each row's loads in turn).
 template <typename T, int N, int HIDDEN, int VEC, bool PAIRS>
 __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
   constexpr bool kPrefetch = dx_mma_prefetch_bytes<T>() > 0;
