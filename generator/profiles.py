@@ -36,7 +36,7 @@ def default_tile(
     n allows (on CUDA at n ≤ 8 its tensor-core form always takes 16, the mma's m16). The
     dynamic fused layer keeps its tokens of x in shared memory where they fit (a run-time n
     counts as 32, a run-time hidden as 4096): 4 tokens, else 2, else 4 unstashed."""
-    if op in (Op.COEFFS_STATIC, Op.COEFFS_BWD_STATIC, Op.PHI_GRAD_DYN, Op.SPLIT_DYN):
+    if op in (Op.COEFFS_STATIC, Op.COEFFS_BWD_STATIC, Op.PHI_GRAD_DYN, Op.SPLIT_DYN, Op.PROJ_DYN):
         return 1
     if op in (Op.POST_BWD_DYN, Op.POST_BWD_STATIC, Op.PRE_BWD_STATIC, Op.LAYER_BWD_STATIC):
         return 1

@@ -11,6 +11,7 @@ import enum
 import re
 
 MAX_N = 32  # one warp lane per Sinkhorn row / column
+PROJ_MAX_N = 8  # the tensor-core projection's accumulators: m = 80 logits a token
 TILES = (1, 2, 4, 8, 16)  # tokens per block
 
 
@@ -37,6 +38,8 @@ class Op(enum.Enum):
     LAYER_BWD_STATIC = "layer_bwd_static"
     # an fp32 matrix split into bf16 hi + lo parts, for dynamic H's split-precision GEMMs
     SPLIT_DYN = "split_dyn"
+    # z = x̄·φ and r in one pass over bf16 x, on tensor cores (CUDA, n ≤ 8)
+    PROJ_DYN = "proj_dyn"
 
     @property
     def dynamic(self) -> bool:
@@ -53,7 +56,7 @@ class Op(enum.Enum):
 
     @property
     def has_hidden_axis(self) -> bool:
-        return self.needs_x and self not in (Op.PHI_GRAD_DYN, Op.SPLIT_DYN)
+        return self.needs_x and self not in (Op.PHI_GRAD_DYN, Op.SPLIT_DYN, Op.PROJ_DYN)
 
     @property
     def layer_backward(self) -> bool:
@@ -69,6 +72,8 @@ class Op(enum.Enum):
     def header(self) -> str:
         if self is Op.SPLIT_DYN:
             return "mhc/split.cuh"
+        if self is Op.PROJ_DYN:
+            return "mhc/projection.cuh"
         if self.layer_backward:
             return "mhc/layer_backward.cuh"
         return "mhc/token_backward.cuh" if self.backward else "mhc/token_kernel.cuh"
@@ -77,6 +82,8 @@ class Op(enum.Enum):
     def launcher(self) -> str:
         if self is Op.SPLIT_DYN:
             return "mhc::launch_split"
+        if self is Op.PROJ_DYN:
+            return "mhc::launch_projection"
         if self.layer_backward:
             return "mhc::launch_layer_backward"
         return "mhc::launch_backward" if self.backward else "mhc::launch"
@@ -87,6 +94,8 @@ class Op(enum.Enum):
         base = self.value.rsplit("_", 1)[0]
         if self is Op.SPLIT_DYN:
             return "mhc::SplitOp::Split"
+        if self is Op.PROJ_DYN:
+            return "mhc::ProjOp::Proj"
         if self.backward:
             name = {
                 "pre_bwd": "Pre",
@@ -204,6 +213,13 @@ def is_supported(spec: KernelSpec) -> bool:
         return False
     if spec.op is Op.SPLIT_DYN:  # one variant: fp32 in, every shape at run time
         return spec.n is None and spec.dtype is DType.FP32 and spec.tile == 1
+    if spec.op is Op.PROJ_DYN:  # mma.sync on bf16 x; a run-time n serves n ≤ PROJ_MAX_N
+        return (
+            spec.arch.backend == "cuda"
+            and spec.dtype is DType.BF16
+            and spec.tile == 1
+            and (spec.n is None or spec.n <= PROJ_MAX_N)
+        )
     if spec.op is Op.PRE_BWD_DYN:
         # The ∂x kernel's shared ∂z grows with tile × n², its accumulators with the tile.
         return spec.tile <= (2 if spec.n is None or spec.n > 8 else 16 if spec.n <= 4 else 8)

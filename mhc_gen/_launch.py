@@ -180,7 +180,7 @@ def launch(
     eps_rms: float = 1e-6,
     eps_sk: float = 1e-6,
     post_mult: float = 2.0,
-    splits: int = 1,
+    splits: int = 0,
     **tensors,
 ) -> None:
     """Launches the variant for (op, n, hidden, dtype) on device's current stream.

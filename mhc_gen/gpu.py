@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from generator.spec import DType, Op
+from generator.spec import PROJ_MAX_N, DType, Op
 
 from . import reference
 from ._launch import DTYPES, empty, launch
@@ -62,29 +62,93 @@ def projection(x, phi):
     return both[:, :m] + both[:, m:]
 
 
-def _projected(x, phi):
-    """(z, r, z_in): the buffers the fused kernel fills (z_in None: it projects), or the
-    GEMM's z with an r buffer the kernel fills."""
+# From this many tokens z and r of bf16 x on CUDA come from mhc_gen's tensor-core projection
+# (mhc/projection.cuh: one pass over x, the cuBLAS path's precision): with r known before
+# the mixing kernels, the coefficients run in a launch of their own and those kernels read
+# x once, instead of reading it for r and running each token's Sinkhorn between that read
+# and the mixing. Its 64-token blocks need many tokens to fill a GPU.
+_PROJECTION_KERNEL_MIN_TOKENS = 4096
+
+
+def _projection_kernel(x) -> bool:
+    """Whether z and r come from mhc_gen's projection kernel (CUDA, bf16, n ≤ 8, n·C a
+    multiple of its 64-wide k step, x 16-byte aligned, enough tokens)."""
+    t, n, c = _dims(x)
+    return (
+        x.is_cuda
+        and torch.version.hip is None
+        and x.dtype == torch.bfloat16
+        and n <= PROJ_MAX_N
+        and (n * c) % 64 == 0
+        and x.data_ptr() % 16 == 0
+        and t >= _PROJECTION_KERNEL_MIN_TOKENS
+    )
+
+
+def _phi_split_t(phi):
+    """[2, mp, n·C] bf16: φᵀ split into hi and lo parts, rows m..mp − 1 zero (mp = m
+    rounded up to 8, the mma's n8)."""
+    k, m = phi.shape
+    mp = -(-m // 8) * 8
+    pt = torch.empty((mp, k), dtype=torch.float32, device=phi.device)
+    pt[:m].copy_(phi.t())
+    pt[m:].zero_()
+    return _split_bf16_cat(pt, "hl", 0).view(2, mp, k)
+
+
+def projection_with_norms(x, phi, eps_rms):
+    """(z, r) of bf16 x in one pass of the tensor-core projection (_projection_kernel)."""
+    t, n, c = _dims(x)
+    z = empty((t, reference.num_logits(n)), torch.float32, x.device)
+    r = empty((t,), torch.float32, x.device)
+    launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, eps_rms=eps_rms, x=x,
+           phi_split_t=_phi_split_t(phi), z_out=z, r_out=r)  # fmt: skip
+    return z, r
+
+
+def _projected(x, phi, eps_rms):
+    """(z, r, z_in, r_in): z and r from the projection kernel (both given to the kernel that
+    follows); or the GEMM's z with an r buffer that kernel fills; or buffers for both, which
+    its own projection fills (z_in and r_in None)."""
     t, n, _ = _dims(x)
+    if _projection_kernel(x):
+        z, r = projection_with_norms(x, phi, eps_rms)
+        return z, r, z, r
     z = projection(x, phi)
     r = empty((t,), torch.float32, x.device)
     if z is not None:
-        return z, r, z
-    return empty((t, reference.num_logits(n)), torch.float32, x.device), r, None
+        return z, r, z, None
+    return empty((t, reference.num_logits(n)), torch.float32, x.device), r, None, None
+
+
+def _outputs(z_in, r_in, z, r) -> dict:
+    """The z and r a kernel fills: those not given to it."""
+    return dict(z_in=z_in, r_in=r_in, z_out=None if z_in is not None else z,
+                r_out=None if r_in is not None else r)  # fmt: skip
 
 
 def dynamic_coefficients(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     """(H_pre, H_post, H_res, z, r)."""
     t, n, c = _dims(x)
     h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
-    z, r, z_in = _projected(x, phi)
+    z, r, z_in, r_in = _projected(x, phi, eps_rms)
     if t:
         launch(Op.COEFFS_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, h_pre=h_pre, h_post=h_post,
-               h_res=h_res, z_in=z_in, z_out=None if z_in is not None else z,
-               r_out=r)  # fmt: skip
+               h_res=h_res, **_outputs(z_in, r_in, z, r))  # fmt: skip
     return h_pre, h_post, h_res, z, r
+
+
+def _coefficients_from(z, r, alpha, b, n, iters, eps_sk, post_mult) -> dict:
+    """Per-token H from z and r in one launch (every token's Sinkhorn side by side), as
+    launch arguments (h_pre_in, h_post_in, h_res_in) for the kernels that take H."""
+    t = z.shape[0]
+    h_pre, h_post, h_res = _coeff_outputs((t,), n, z.device)
+    launch(Op.COEFFS_DYN, z.device, DType.FP32, n=n, hidden=1, tokens=t, sinkhorn_iters=iters,
+           eps_sk=eps_sk, post_mult=post_mult, alpha=alpha, bias=b, h_pre=h_pre,
+           h_post=h_post, h_res=h_res, z_in=z, r_in=r)  # fmt: skip
+    return dict(h_pre_in=h_pre, h_post_in=h_post, h_res_in=h_res)
 
 
 def static_coefficients(b, n, iters, eps_sk, post_mult):
@@ -100,13 +164,12 @@ def pre_dynamic(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     t, n, c = _dims(x)
     u = empty((t, c), x.dtype, x.device)
     h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
-    z, r, z_in = _projected(x, phi)
+    z, r, z_in, r_in = _projected(x, phi, eps_rms)
     if t:
         launch(Op.PRE_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, out=u, h_pre=h_pre, h_post=h_post,
-               h_res=h_res, z_in=z_in, z_out=None if z_in is not None else z,
-               r_out=r)  # fmt: skip
+               h_res=h_res, **_outputs(z_in, r_in, z, r))  # fmt: skip
     return u, h_pre, h_post, h_res, z, r
 
 
@@ -161,13 +224,29 @@ def layer_dynamic(x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     """(x_next, z, r)."""
     t, n, c = _dims(x)
     out = empty(x.shape, x.dtype, x.device)
-    z, r, z_in = _projected(x, phi)
-    if t:
+    z, r, z_in, r_in = _projected(x, phi, eps_rms)
+    if t and r_in is not None:  # H in one launch, then the layer on _layer_blocks blocks
+        h = _coefficients_from(z, r, alpha, b, n, iters, eps_sk, post_mult)
+        launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
+               eps_rms=eps_rms, splits=_layer_blocks(x), x=x, norm_weight=weight, out=out,
+               **h)  # fmt: skip
+    elif t:
         launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
-               x=x, phi=phi, alpha=alpha, bias=b, norm_weight=weight, out=out, z_in=z_in,
-               z_out=None if z_in is not None else z, r_out=r)  # fmt: skip
+               x=x, phi=phi, alpha=alpha, bias=b, norm_weight=weight, out=out,
+               **_outputs(z_in, None, z, r))  # fmt: skip
     return out, z, r
+
+
+# Blocks an SM for the fused layer given H (its staged kernel: two tokens of x in shared
+# memory, 64 KB at n = 4, C = 4096, bf16), each walking every grid-th token so that only its
+# first copy is not overlapped; 0: a block per tile of consecutive tokens.
+_LAYER_BLOCKS_PER_SM = 2
+
+
+def _layer_blocks(x) -> int:
+    """The staged layer's grid (Args::splits): 0 for a block per tile of tokens."""
+    return _LAYER_BLOCKS_PER_SM * _sm_count(x.device) if _LAYER_BLOCKS_PER_SM else 0
 
 
 def layer_static(x, weight, b, iters, eps_rms, eps_sk, post_mult):
@@ -452,6 +531,12 @@ def _fused_layer_backward(x) -> bool:
     return 12 * c4 + 16 * 1024 <= limit  # 16 KB: the kernel's static shared memory, at most
 
 
+# From this many tokens the dynamic layer's backward takes per-token H from one launch of
+# the coefficients on the saved z and r (bitwise the same H: the same coefficients()),
+# instead of each block's warps waiting on its tokens' Sinkhorns between token groups.
+_LAYER_BWD_H_ONCE_MIN_TOKENS = 4096
+
+
 def _layer_front(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult, z=None, r=None,
                  phi=None, alpha=None):  # fmt: skip
     """(∂x, ∂H_pre, ∂H_post, ∂H_res, ∂w) of the seed layer from its output gradient G, all
@@ -470,11 +555,14 @@ def _layer_front(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult, z=None, 
         splits = max(1, min(t, _layer_bwd_blocks_per_sm(n, dynamic) * _sm_count(dev)))
         dw_rows = empty((splits, c), torch.float32, dev)
         op = Op.LAYER_BWD_DYN if dynamic else Op.LAYER_BWD_STATIC
+        h = {}
+        if dynamic and t >= _LAYER_BWD_H_ONCE_MIN_TOKENS:
+            h = _coefficients_from(z, r, alpha, b, n, iters, eps_sk, post_mult)
         launch(op, dev, DTYPES[x.dtype], n=n, hidden=c, tokens=t, sinkhorn_iters=iters,
                eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult, splits=splits, x=x,
                grad_out=grad, norm_weight=weight, bias=b, z_in=z, r_in=r, alpha=alpha,
                grad_x=dx, grad_h_pre=dh_pre, grad_h_post=dh_post, grad_h_res=dh_res,
-               grad_norm_weight=dw_rows)  # fmt: skip
+               grad_norm_weight=dw_rows, **h)  # fmt: skip
         if not dynamic:
             dh_pre, dh_post, dh_res = dh_pre.sum(0), dh_post.sum(0), dh_res.sum(0)
         return dx, dh_pre, dh_post, dh_res, dw_rows.sum(0)

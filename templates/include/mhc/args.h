@@ -19,14 +19,17 @@ enum Ptr : int {
   kX,           // [T, n, C] x, in the variant's dtype
   kY,           // [T, C] sublayer output, same dtype
   kPhi,         // [n·C, m] fp32 projection (dynamic H)
+  kPhiSplitT,   // [2, mp, n·C] bf16: φᵀ split into hi and lo, rows past m zero (mp = m
+                //   rounded up to 8), for the tensor-core projection
   kAlpha,       // [3] fp32: pre, post, res scales (dynamic H)
   kBias,        // [m] fp32: b, or the static logits
   kNormWeight,  // [C] fp32: the seed layer's RMSNorm weight
-  kHPostIn,     // [T, n] fp32: per-token H_post for post
-  kHResIn,      // [T, n, n] fp32: per-token H_res for post; [n, n] static H_res for the
-                //   static forward ops, with kHPreIn and kHPostIn [n] (else null: each block
-                //   computes the static H itself)
-  kHPreIn,      // [n] fp32: static H_pre (see kHResIn)
+  kHPostIn,     // [T, n] fp32: per-token H_post for post and the dynamic layer
+  kHResIn,      // [T, n, n] fp32: per-token H_res for post and the dynamic layer (forward
+                //   and backward: else the layer computes H from z and r); [n, n] static
+                //   H_res for the static forward ops, with kHPreIn and kHPostIn [n] (else
+                //   null: each block computes the static H itself)
+  kHPreIn,      // [T, n] fp32: per-token H_pre for the dynamic layer; [n] static H_pre
   // backward inputs
   kGradOut,       // ∂x_next [T, n, C] (post) or ∂u [T, C] (pre), the variant's dtype
   kGradHPreIn,    // [T, n] (or [n] static) fp32 upstream ∂H_pre; may be null

@@ -1,6 +1,7 @@
 // The seed layer's backward but for the coefficients' own (H from z), in one kernel:
 //   x_next = H_res·x + H_postᵀ·y,  y = u·s·w,  u = H_pre·x,  s = 1/rms(u).
-// Per token, from x and G = ∂x_next, with H from the saved z and r (dynamic) or the logits:
+// Per token, from x and G = ∂x_next, with H from the caller or the saved z and r (dynamic)
+// or the logits (static):
 //   pass 1  u into shared memory; Σu² gives s
 //   pass 2  y; ∂y = H_postᵀ·G; ∂H_post = G·y (written); g = ∂y·w into shared memory;
 //           Σ g·u; ∂w += ∂y·u·s
@@ -94,15 +95,19 @@ __global__ void MHC_LAYER_BWD_BOUNDS layer_bwd_kernel(Args a) {
   for (int64_t grp = blockIdx.x; grp < groups; grp += gridDim.x) {
     const int64_t t0 = grp * TM;
     const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
-    if constexpr (DYN) {  // H of the group's tokens from the saved z and r, a warp a token
-      const int m = num_logits(n);
-      __syncthreads();  // the previous group's H is no longer read
-      for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
-        s.z[idx / m][idx % m] = a.in<float>(kZIn)[t0 * m + idx];
-      for (int t = threadIdx.x; t < nt; t += kThreads) s.r[t] = a.in<float>(kRIn)[t0 + t];
-      __syncthreads();
-      for (int t = warp; t < nt; t += kWarps)
-        coefficients<NB, TM, SLOTS>(a, n, t, s.z[t], s.r[t], s);
+    if constexpr (DYN) {
+      __syncthreads();             // the previous group's H is no longer read
+      if (a.in<float>(kHResIn)) {  // from one coefficients launch on the saved z and r
+        load_token_coefficients<NB, TM, SLOTS>(a, n, t0, nt, 0, s);
+      } else {  // from the saved z and r, a warp a token, the block waiting
+        const int m = num_logits(n);
+        for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
+          s.z[idx / m][idx % m] = a.in<float>(kZIn)[t0 * m + idx];
+        for (int t = threadIdx.x; t < nt; t += kThreads) s.r[t] = a.in<float>(kRIn)[t0 + t];
+        __syncthreads();
+        for (int t = warp; t < nt; t += kWarps)
+          coefficients<NB, TM, SLOTS>(a, n, t, s.z[t], s.r[t], s);
+      }
     }
     __syncthreads();
 
@@ -257,7 +262,9 @@ int launch_layer_backward(const Args& a) {
   if (!a.p[kGradX] || !a.p[kGradHPre] || !a.p[kGradHPost] || !a.p[kGradHRes] ||
       !a.p[kGradNormWeight])
     return kMissingInput;
-  if (DYN && (!a.p[kZIn] || !a.p[kRIn])) return kMissingInput;
+  if (DYN && a.p[kHResIn] && (!a.p[kHPreIn] || !a.p[kHPostIn]))
+    return kMissingInput;  // a given H comes whole
+  if (DYN && !a.p[kHResIn] && (!a.p[kZIn] || !a.p[kRIn])) return kMissingInput;
   const stream_t stream = static_cast<stream_t>(a.stream);
   constexpr int VEC = layer_bwd_vec<T, n_bound<N>(), DYN>();
   const int vb = VEC * int(sizeof(T));

@@ -84,6 +84,34 @@ MHC_DEV void cp_async_wait() {
 #ifndef MHC_ASYNC_COPY
 #define MHC_ASYNC_COPY 0
 #endif
+#if !defined(MHC_HOST_ONLY)
+// 16 bytes from global to shared memory, asynchronously where the GPU can (visible to the
+// copying thread after async_commit and async_wait), else through registers.
+MHC_DEV void async_copy16(void* dst, const void* src) {
+#if MHC_ASYNC_COPY
+  cp_async16(dst, src);
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+MHC_DEV void async_commit() {
+#if MHC_ASYNC_COPY
+  cp_async_commit();
+#endif
+}
+
+// Waits until at most PENDING of this thread's committed copy groups are in flight.
+template <int PENDING>
+MHC_DEV void async_wait() {
+#if MHC_ASYNC_COPY
+  cp_async_wait<PENDING>();
+#endif
+}
+
+MHC_DEV void stage_wait() { async_wait<0>(); }
+#endif
+
 #ifndef MHC_TARGET_SM  // set by each generated variant: its NVIDIA arch, 0 on HIP
 #define MHC_TARGET_SM 0
 #endif

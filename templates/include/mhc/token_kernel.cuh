@@ -249,6 +249,22 @@ MHC_DEV void load_static_coefficients(const Args& a, int n, Shared<NB, TM, SLOTS
   }
 }
 
+// Per-token H of tokens [t0, t0 + nt) from the caller into slots slot0, ...: H_post and
+// H_res for post; H_pre too for the dynamic layer (kHPreIn non-null), whose H then comes
+// from one coefficients launch on the projection's z and r.
+template <int NB, int TM, int SLOTS>
+MHC_DEV void load_token_coefficients(const Args& a, int n, int64_t t0, int nt, int slot0,
+                                     Shared<NB, TM, SLOTS>& s) {
+  const float* h_pre = a.in<float>(kHPreIn);
+  for (int idx = threadIdx.x; idx < nt * n; idx += kThreads) {
+    const int t = idx / n, i = idx % n;
+    const int64_t row = (t0 + t) * n + i;
+    if (h_pre) s.h_pre[slot0 + t][i] = h_pre[row];
+    s.h_post[slot0 + t][i] = a.in<float>(kHPostIn)[row];
+    for (int j = 0; j < n; ++j) s.h_res[slot0 + t][i][j] = a.in<float>(kHResIn)[row * n + j];
+  }
+}
+
 // u = Σ_j H_pre[j]·x[j] for one token and VEC columns at c, streams in ascending order: the
 // one order every kernel uses, so that the layer's backward recomputes the forward's u bitwise.
 template <typename T, int NB, int VEC>
@@ -362,7 +378,9 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
   const int warp = threadIdx.x / kWarp;
 
   // Phases 1 and 2: the coefficients of the block's tokens (or the one static H).
-  if constexpr (DYN && OP != Op::Post) {
+  if (DYN && OP == Op::Layer && !PROJECT && a.in<float>(kHResIn)) {  // H from the caller
+    load_token_coefficients<NB, TM, SLOTS>(a, n, t0, nt, 0, s);
+  } else if constexpr (DYN && OP != Op::Post) {
     if constexpr (!PROJECT) {  // z (and r, unless null) from a GEMM or the saved forward
       const float* z_in = a.in<float>(kZIn);
       const int m = num_logits(n);
@@ -385,12 +403,7 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
       if (blockIdx.y == 0) store_coefficients<NB, TM, SLOTS>(a, n, t, t0 + t, s);
     }
   } else if constexpr (DYN) {  // post with per-token H from the caller
-    for (int idx = threadIdx.x; idx < nt * n; idx += kThreads) {
-      const int t = idx / n, i = idx % n;
-      const int64_t row = (t0 + t) * n + i;
-      s.h_post[t][i] = a.in<float>(kHPostIn)[row];
-      for (int j = 0; j < n; ++j) s.h_res[t][i][j] = a.in<float>(kHResIn)[row * n + j];
-    }
+    load_token_coefficients<NB, TM, SLOTS>(a, n, t0, nt, 0, s);
   } else if (OP != Op::Coeffs && a.in<float>(kHResIn)) {
     load_static_coefficients<NB, TM, SLOTS>(a, n, s);
   } else if (warp == 0) {
@@ -467,78 +480,64 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
 template <typename T>
 MHC_DEV void stage_copy(T* dst, const T* src, int64_t K) {
   constexpr int V = 16 / int(sizeof(T));
-  for (int64_t k = int64_t(threadIdx.x) * V; k < K; k += int64_t(kThreads) * V) {
-#if MHC_ASYNC_COPY
-    cp_async16(dst + k, src + k);
-#else
-    *reinterpret_cast<Pack<T, V>*>(dst + k) = *reinterpret_cast<const Pack<T, V>*>(src + k);
-#endif
-  }
-#if MHC_ASYNC_COPY
-  cp_async_commit();
-#endif
+  for (int64_t k = int64_t(threadIdx.x) * V; k < K; k += int64_t(kThreads) * V)
+    async_copy16(dst + k, src + k);
+  async_commit();
 }
 
-// 16 bytes from global to shared memory, asynchronously where the GPU can (visible to the
-// copying thread after async_commit and stage_wait), else through registers.
-MHC_DEV void async_copy16(void* dst, const void* src) {
-#if MHC_ASYNC_COPY
-  cp_async16(dst, src);
-#else
-  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-#endif
-}
-
-MHC_DEV void async_commit() {
-#if MHC_ASYNC_COPY
-  cp_async_commit();
-#endif
-}
-
-MHC_DEV void stage_wait() {
-#if MHC_ASYNC_COPY
-  cp_async_wait<0>();
-#endif
-}
-
-// The fused layer with static H, each token's x staged in shared memory: DRAM sees x once,
-// where token_kernel's second pass re-reads it from L2, in which a full GPU's tokens in
-// flight (≈ 67 MB at n = 4, C = 4096, tile 4) do not fit. A block walks its TM tokens
-// through two buffers: token t + 1 is copied while the block works on token t. The
-// arithmetic and its order are token_kernel's, so both give bitwise the same results.
-// Not for dynamic H: there each token's Sinkhorn (one warp, the block waiting) sits between
-// its copy and its passes, and staging measured slower (notes/PERF.md, session 8).
-template <typename T, int N, int HIDDEN, int TM, int VEC>
+// The fused layer with H given or static, each token's x staged in shared memory: DRAM
+// sees x once, where token_kernel's second pass re-reads it from L2, in which a full GPU's
+// tokens in flight (≈ 67 MB at n = 4, C = 4096, tile 4) do not fit. A block walks its
+// tokens through two buffers: token k + 1 is copied while the block works on token k.
+// Its tokens: TM consecutive ones, or with Args::splits > 0 (a grid of that many blocks)
+// every gridDim.x-th from blockIdx.x, so that only a block's first copy is not overlapped.
+// The arithmetic and its order are token_kernel's, so both give bitwise the same results.
+// DYN: per-token H from the caller (kHPreIn, kHPostIn, kHResIn: one coefficients launch on
+// the projection's z and r), loaded with the token's copy. Dynamic H computed here would
+// put each token's Sinkhorn (one warp, the block waiting) between its copy and its passes,
+// which measured slower (notes/PERF.md, session 8).
+template <typename T, int N, int HIDDEN, int TM, int VEC, bool DYN>
 __global__ void __launch_bounds__(kThreads) staged_layer_kernel(Args a) {
   constexpr int NB = n_bound<N>();
-  __shared__ Shared<NB, TM, 1> s;
+  constexpr int SLOTS = DYN ? 2 : 1;  // token k's H in slot k % 2
+  __shared__ Shared<NB, TM, SLOTS> s;
   extern __shared__ float4 staged_x[];
   const int n = N ? N : a.n;
   const int64_t C = HIDDEN ? HIDDEN : a.hidden;
   const int64_t K = int64_t(n) * C;
-  const int64_t t0 = int64_t(blockIdx.x) * TM;
-  const int64_t remaining = a.tokens - t0;
-  const int nt = remaining < TM ? int(remaining) : TM;
+  const bool strided = a.splits > 0;
+  const int64_t base = strided ? int64_t(blockIdx.x) : int64_t(blockIdx.x) * TM;
+  const int64_t stride = strided ? int64_t(gridDim.x) : 1;
+  const int64_t remaining = a.tokens - base;
+  const int64_t count =
+      strided ? (remaining + stride - 1) / stride : (remaining < TM ? remaining : int64_t(TM));
   const T* x = a.in<T>(kX);
-  T* const staged = reinterpret_cast<T*>(staged_x);  // token t in buffer t % 2
+  T* const staged = reinterpret_cast<T*>(staged_x);  // token k in buffer k % 2
 
-  stage_copy(staged, x + t0 * K, K);
-  if (a.in<float>(kHResIn)) {
-    load_static_coefficients<NB, TM, 1>(a, n, s);
+  stage_copy(staged, x + base * K, K);
+  if constexpr (DYN) {
+    load_token_coefficients<NB, TM, SLOTS>(a, n, base, 1, 0, s);
+  } else if (a.in<float>(kHResIn)) {
+    load_static_coefficients<NB, TM, SLOTS>(a, n, s);
   } else if (threadIdx.x / kWarp == 0) {
-    coefficients<NB, TM, 1>(a, n, 0, nullptr, 1.0f, s);
-    if (blockIdx.x == 0) store_coefficients<NB, TM, 1>(a, n, 0, 0, s);
+    coefficients<NB, TM, SLOTS>(a, n, 0, nullptr, 1.0f, s);
+    if (blockIdx.x == 0) store_coefficients<NB, TM, SLOTS>(a, n, 0, 0, s);
   }
   const int64_t c0 = int64_t(threadIdx.x) * VEC, cstep = int64_t(kThreads) * VEC;
-  for (int t = 0; t < nt; ++t) {
-    const T* xs = staged + (t % 2) * K;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t tok = base + k * stride;
+    const int hs = DYN ? int(k % 2) : 0;
+    const T* xs = staged + (k % 2) * K;
     stage_wait();
-    __syncthreads();  // token t is staged; every thread is done with token t - 1's buffer
-    if (t + 1 < nt) stage_copy(staged + ((t + 1) % 2) * K, x + (t0 + t + 1) * K, K);
+    __syncthreads();  // token k is staged; every thread is done with token k - 1's buffer
+    if (k + 1 < count) {
+      stage_copy(staged + ((k + 1) % 2) * K, x + (tok + stride) * K, K);
+      if constexpr (DYN) load_token_coefficients<NB, TM, SLOTS>(a, n, tok + stride, 1, 1 - hs, s);
+    }
     float sq = 0.0f;
     for (int64_t c = c0; c < C; c += cstep) {
       float u[VEC];
-      pre_mix<T, NB, VEC>(xs, C, n, s.h_pre[0], c, u);
+      pre_mix<T, NB, VEC>(xs, C, n, s.h_pre[hs], c, u);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) sq += u[v] * u[v];
     }
@@ -546,9 +545,9 @@ __global__ void __launch_bounds__(kThreads) staged_layer_kernel(Args a) {
     if (threadIdx.x == 0) s.sum_sq[0] = 1.0f / token_rms(sum_sq, C, a.eps_rms);
     __syncthreads();
     const float inv_rms = s.sum_sq[0];
-    T* ot = a.out<T>(kOut) + (t0 + t) * K;
+    T* ot = a.out<T>(kOut) + tok * K;
     for (int64_t c = c0; c < C; c += cstep)
-      layer_vector<T, NB, VEC>(xs, ot, C, n, s.h_pre[0], s.h_post[0], s.h_res[0], inv_rms,
+      layer_vector<T, NB, VEC>(xs, ot, C, n, s.h_pre[hs], s.h_post[hs], s.h_res[hs], inv_rms,
                                a.in<float>(kNormWeight), c);
   }
 }
@@ -588,7 +587,9 @@ int launch(const Args& a) {
   const stream_t stream = static_cast<stream_t>(a.stream);
   if (!DYN && OP != Op::Coeffs && a.p[kHResIn] && (!a.p[kHPreIn] || !a.p[kHPostIn]))
     return kMissingInput;  // a given static H comes whole
-  const bool project = DYN && OP != Op::Post && a.p[kZIn] == nullptr;
+  // Phase 1 here: dynamic coefficients, pre and layer given no z (nor, the layer, H).
+  const bool project =
+      DYN && OP != Op::Post && a.p[kZIn] == nullptr && !(OP == Op::Layer && a.p[kHResIn]);
   if constexpr (OP == Op::Coeffs) {
     const dim3 grid{unsigned(blocks)};
     if (project)
@@ -611,17 +612,30 @@ int launch(const Args& a) {
     // The fused layer copies whole tokens of x into shared memory (16-byte rows) where they fit.
     const int64_t token_bytes = int64_t(a.n) * a.hidden * int64_t(sizeof(T));
     const bool rows16 = vec_ok && token_bytes % 16 == 0 && aligned_to(a.p[kX], 16);
+    // The fused layer with H given (dynamic, per token) or static: staged where two tokens
+    // fit, on Args::splits blocks where given (see staged_layer_kernel).
+    const bool h_given = a.p[kHResIn] != nullptr;
+    const int64_t staged_blocks =
+        a.splits > 0 ? (a.splits < a.tokens ? int64_t(a.splits) : a.tokens) : blocks;
+    const dim3 staged_grid{unsigned(staged_blocks)};
     if constexpr (OP == Op::Layer && DYN) {
+      if (h_given) {
+        if (!a.p[kHPreIn] || !a.p[kHPostIn]) return kMissingInput;  // a given H comes whole
+        const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, 2>));
+        if (rows16 && 2 * token_bytes + fixed <= kStageSmemBytes)
+          return launch_with_smem(staged_layer_kernel<T, N, HIDDEN, TM, VEC, true>, staged_grid,
+                                  2 * size_t(token_bytes), stream, a);
+      }
       const int64_t smem = int64_t(TM) * token_bytes;
       const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, TM>));
-      if (rows16 && !project && !a.p[kRIn] && smem + fixed <= kStashSmemBytes)
+      if (!h_given && rows16 && !project && !a.p[kRIn] && smem + fixed <= kStashSmemBytes)
         return launch_with_smem(token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, false, true>, grid,
                                 size_t(smem), stream, a);
     }
     if constexpr (OP == Op::Layer && !DYN) {
       const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, 1>));
       if (rows16 && 2 * token_bytes + fixed <= kStageSmemBytes)
-        return launch_with_smem(staged_layer_kernel<T, N, HIDDEN, TM, VEC>, dim3(unsigned(blocks)),
+        return launch_with_smem(staged_layer_kernel<T, N, HIDDEN, TM, VEC, false>, staged_grid,
                                 2 * size_t(token_bytes), stream, a);
     }
     if (vec_ok && project)
