@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import mhc_gen  # noqa: E402
+from benchmarks.projection_paths import MODES  # noqa: E402
 from mhc_gen import gpu  # noqa: E402
 from mhc_gen import reference as R  # noqa: E402
 
@@ -35,7 +36,15 @@ def main() -> None:
         default="gemm",
         help="cores: bf16 x projected on CUDA cores in the fused kernels (the ROCm path)",
     )
+    ap.add_argument(
+        "--mode",
+        choices=list(MODES),
+        help="the switches of benchmarks/projection_paths.py (default: the library's own)",
+    )
     args = ap.parse_args()
+    if args.mode:
+        for name, value in MODES[args.mode].items():
+            setattr(gpu, name, value)
     if args.projection == "cores":
         gpu._gemm_projection = lambda x: False
     t, c, n = args.T, args.C, args.n

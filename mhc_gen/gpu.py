@@ -96,14 +96,28 @@ def _phi_split_t(phi):
     return _split_bf16_cat(pt, "hl", 0).view(2, mp, k)
 
 
+def _projection_splits(t: int, n: int, k: int, device) -> int:
+    """Splits of K for the projection kernel: as many as keep its blocks in one wave (2 an
+    SM at n ≤ 4, 1 above: projection.cuh's shared memory), each split ≥ 16 chunks of 64."""
+    tokens, per_sm = (128, 2) if n <= 4 else (256, 1)
+    want = per_sm * _sm_count(device) // -(-t // tokens)
+    return max(1, min(want, k // (16 * 64), 16))
+
+
 def projection_with_norms(x, phi, eps_rms):
-    """(z, r) of bf16 x in one pass of the tensor-core projection (_projection_kernel)."""
+    """(z, r) of bf16 x in one pass of the tensor-core projection (_projection_kernel):
+    split along n·C where its token blocks alone would not fill the GPU, the splits' partial
+    z and Σx̄² then summed in split order."""
     t, n, c = _dims(x)
-    z = empty((t, reference.num_logits(n)), torch.float32, x.device)
-    r = empty((t,), torch.float32, x.device)
-    launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, eps_rms=eps_rms, x=x,
-           phi_split_t=_phi_split_t(phi), z_out=z, r_out=r)  # fmt: skip
-    return z, r
+    m, k = reference.num_logits(n), n * c
+    splits = _projection_splits(t, n, k, x.device)
+    z = empty((splits, t, m), torch.float32, x.device)
+    r = empty((splits, t), torch.float32, x.device)
+    launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, eps_rms=eps_rms,
+           splits=splits, x=x, phi_split_t=_phi_split_t(phi), z_out=z, r_out=r)  # fmt: skip
+    if splits == 1:
+        return z[0], r[0]
+    return z.sum(0), torch.sqrt(r.sum(0) / k + eps_rms)
 
 
 def _projected(x, phi, eps_rms):

@@ -170,7 +170,10 @@ def test_projection_kernel_gives_z_and_r_to_the_kernels_after_it(monkeypatch):
     v, m = _inputs(), R.num_logits(N)
     u, hp, hq, hr, z, r = gpu.pre_dynamic(v["x"], v["phi"], v["alpha"], v["b"], 20, 1e-6, 1e-6, 2)
     (op1, proj), (op2, pre) = seen
-    assert op1 is Op.PROJ_DYN and proj["z_out"] is z and proj["r_out"] is r
+    assert op1 is Op.PROJ_DYN and proj["splits"] == 1  # n·C = 24: one split of K
+    assert (
+        proj["z_out"][0].data_ptr() == z.data_ptr() and proj["r_out"][0].data_ptr() == r.data_ptr()
+    )
     mp = -(-m // 8) * 8
     split = proj["phi_split_t"]
     assert split.shape == (2, mp, N * C) and split.dtype == torch.bfloat16
@@ -190,6 +193,15 @@ def test_projection_kernel_gives_z_and_r_to_the_kernels_after_it(monkeypatch):
                      alpha=v["alpha"])  # fmt: skip
     assert [op for op, _ in seen] == [Op.COEFFS_DYN, Op.LAYER_BWD_DYN]
     assert seen[1][1]["h_post_in"] is seen[0][1]["h_post"]
+
+
+def test_projection_splits_fill_the_gpu(monkeypatch):
+    monkeypatch.setattr(gpu, "_sm_count", lambda device: 132)
+    assert gpu._projection_splits(16384, 4, 16384, None) == 2  # 128 blocks of 128 tokens
+    assert gpu._projection_splits(8192, 8, 32768, None) == 4  # 32 blocks of 256
+    assert gpu._projection_splits(65536, 4, 16384, None) == 1
+    assert gpu._projection_splits(64, 4, 4096, None) == 4  # each split ≥ 16 chunks of 64
+    assert gpu._projection_splits(64, 2, 128, None) == 1
 
 
 def test_pre_backward_with_the_dz_phi_gemm_skips_the_kernels_phase_3(monkeypatch):

@@ -1,15 +1,14 @@
-// Dynamic H's projection in one pass over x: z = x̄·φ and r = rms(x̄) for 64 tokens a
-// block, on tensor cores (CUDA, bf16 x, n ≤ 8). cuBLAS gives z alone, so the kernels that
-// took its z read x again for r, and a token's Sinkhorn (which needs r) sat between that
-// read and the token's mixing. With r here, the coefficients run in a launch of their own
-// and the mixing kernels read x once.
+// Dynamic H's projection in one pass over x: z = x̄·φ and r = rms(x̄), on tensor cores (CUDA, bf16 x,
+// n ≤ 8). cuBLAS gives z alone, so the kernels that took its z read x again for r, and a token's
+// Sinkhorn (which needs r) sat between that read and the token's mixing. With r here, the
+// coefficients run in a launch of their own and the mixing kernels read x once.
 //
 // x (kX) is [T, K = n·C] bf16, exact as an mma operand; φ comes split into bf16 hi + lo
 // parts, transposed and padded (kPhiSplitT: [2, mp, K], mp = m rounded up to 8, rows past m
 // zero), so that z ≈ x̄·φ_hi + x̄·φ_lo with fp32 accumulation: the cuBLAS path's precision.
 // x and φ tiles stream through shared memory by cp.async, kProjStages deep. Σx̄² comes from
 // the A fragments the mma's read: each lane sums its columns, then a quad sums in a fixed
-// order, so r is bitwise reproducible (as is z: fixed k order, no split of K).
+// order, so r is bitwise reproducible (as is z: a fixed k order, splits summed in order).
 #pragma once
 
 #include "args.h"
@@ -25,12 +24,22 @@ constexpr int kProjMaxN = 8;  // m = 80 logits: ten n8 tiles of accumulators a l
 MHC_CX int proj_cols(int n) { return (n * n + 2 * n + 7) / 8 * 8; }  // mp
 
 #if defined(MHC_CUDA)
-constexpr int kProjTokens = 64;  // 4 warps × the mma's m16
-constexpr int kProjThreads = kProjTokens / 16 * 32;
+constexpr int kProjWarps = 8;
+constexpr int kProjThreads = kProjWarps * 32;
 constexpr int kProjK = 64;           // k a stage
-constexpr int kProjLd = kProjK + 8;  // a 144-byte row: the fragment loads hit 32 banks
+constexpr int kProjLd = kProjK + 8;  // a 144-byte row: ldmatrix's eight rows hit 32 banks
 
-// Stages in flight: 4 where φ's tile is small (n ≤ 4: 64 KB, 3 blocks an SM), else 3.
+// m16 tiles of tokens a warp: two where φ's tile is large (n > 4), so that each φ fragment
+// serves 32 tokens and a block's 256 tokens halve φ's L2 traffic (n = 8: 10.5 MB a block).
+template <int NB>
+MHC_CX int proj_mtiles() {
+  return NB <= 4 ? 1 : 2;
+}
+template <int NB>
+MHC_CX int proj_tokens() {
+  return kProjWarps * 16 * proj_mtiles<NB>();
+}
+// Stages in flight: 4 at n ≤ 4 (100 KB: 2 blocks an SM), else 3 (177 KB at n = 8).
 template <int NB>
 MHC_CX int proj_stages() {
   return NB <= 4 ? 4 : 3;
@@ -38,11 +47,18 @@ MHC_CX int proj_stages() {
 
 template <int NB>
 struct ProjShared {
-  bf16 x[proj_stages<NB>()][kProjTokens][kProjLd];
+  bf16 x[proj_stages<NB>()][proj_tokens<NB>()][kProjLd];
   bf16 phi[proj_stages<NB>()][2 * proj_cols(NB)][kProjLd];
 };
 
-MHC_DEV uint32_t lds32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Four 8×8 bf16 matrices from shared memory, lane l giving row l % 8 of matrix l / 8: each
+// lane gets its (row l / 4, columns 2·(l % 4) + {0, 1}) pair of every matrix.
+MHC_DEV void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 
 // Σ of the squares of a bf16 pair.
 MHC_DEV float sq_pair(uint32_t v) {
@@ -51,7 +67,7 @@ MHC_DEV float sq_pair(uint32_t v) {
 }
 
 // d += a·b for one m16n8k16 tile (row-major a, column-major b, fp32 d).
-MHC_DEV void proj_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+MHC_DEV void proj_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t* b) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
@@ -59,10 +75,16 @@ MHC_DEV void proj_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Block (bx, by): tokens [bx·BM, +BM) over the k chunks of split by (Args::splits splits of
+// K, each a run of whole 64-wide chunks). One split: z and r out. Several: split by's
+// partial z and Σx̄² to [by] of [splits, T, m] and [splits, T] (mhc_gen.gpu sums them in
+// split order).
 template <int N>
 __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   constexpr int NB = N ? N : kProjMaxN;
   constexpr int S = proj_stages<NB>();
+  constexpr int MT = proj_mtiles<NB>();
+  constexpr int BM = proj_tokens<NB>();
   constexpr int kTiles = proj_cols(NB) / 8;  // n8 tiles, the bound
   extern __shared__ float4 proj_smem[];
   auto& s = *reinterpret_cast<ProjShared<NB>*>(proj_smem);
@@ -71,16 +93,20 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   const int mp = proj_cols(n);
   const int tiles = mp / 8;
   const int64_t K = int64_t(n) * a.hidden;
-  const int64_t t0 = int64_t(blockIdx.x) * kProjTokens;
-  const int chunks = int(K / kProjK);
+  const int64_t t0 = int64_t(blockIdx.x) * BM;
+  const int splits = a.splits > 1 ? a.splits : 1;
+  const int total = int(K / kProjK);
+  const int per_split = (total + splits - 1) / splits;
+  const int first = int(blockIdx.y) * per_split;
+  const int chunks = (total - first < per_split ? total - first : per_split);
   const bf16* x = a.in<bf16>(kX);
   const bf16* phi = a.in<bf16>(kPhiSplitT);
 
-  // One stage: the block's 64 rows of x (rows past T read the last token; never stored)
+  // One stage: the block's BM rows of x (rows past T read the last token; never stored)
   // and 2·mp rows of φ, kProjK columns each, in 16-byte pieces.
   auto load_stage = [&](int stage, int chunk) {
-    const int64_t k0 = int64_t(chunk) * kProjK;
-    for (int i = threadIdx.x; i < kProjTokens * (kProjK / 8); i += kProjThreads) {
+    const int64_t k0 = int64_t(first + chunk) * kProjK;
+    for (int i = threadIdx.x; i < BM * (kProjK / 8); i += kProjThreads) {
       const int row = i / (kProjK / 8), piece = i % (kProjK / 8);
       const int64_t tok = t0 + row < a.tokens ? t0 + row : a.tokens - 1;
       async_copy16(&s.x[stage][row][piece * 8], x + tok * K + k0 + piece * 8);
@@ -92,14 +118,18 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   };
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int g = lane / 4, c2 = 2 * (lane % 4);  // the fragment's row and column pair
-  const int r0 = warp * 16 + g;                 // this lane's rows r0 and r0 + 8
-  float acc[kTiles][4];
+  // ldmatrix rows: A's four matrices are (rows +0/+8) × (k +0/+8); B's are φ_hi's k +0/+8,
+  // then φ_lo's.
+  const int a_row = (lane % 8) + ((lane / 8) % 2) * 8, a_col = (lane / 16) * 8;
+  const int b_row = (lane % 8) + (lane / 16) * mp, b_col = ((lane / 8) % 2) * 8;
+  float acc[MT][kTiles][4];
 #pragma unroll
-  for (int j = 0; j < kTiles; ++j)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
-  float sq[2] = {0.0f, 0.0f};
+    for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.0f;
+  float sq[MT][2] = {};
 
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
@@ -113,56 +143,75 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
     if (next < chunks) load_stage(next % S, next);
     async_commit();  // an empty group past the end keeps the count
     const int st = chunk % S;
+    // A chunk's products summed apart, then added: z's fp32 error grows with K / 64 + 64
+    // terms instead of K (n·C = 28,672 at n = 4, C = 7168).
+    float part[MT][kTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[mt][j][e] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < kProjK; kk += 16) {
-      uint32_t af[4];
-      af[0] = lds32(&s.x[st][r0][kk + c2]);
-      af[1] = lds32(&s.x[st][r0 + 8][kk + c2]);
-      af[2] = lds32(&s.x[st][r0][kk + c2 + 8]);
-      af[3] = lds32(&s.x[st][r0 + 8][kk + c2 + 8]);
-      sq[0] += sq_pair(af[0]) + sq_pair(af[2]);
-      sq[1] += sq_pair(af[1]) + sq_pair(af[3]);
+      uint32_t af[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        ldmatrix_x4(af[mt], &s.x[st][(warp * MT + mt) * 16 + a_row][kk + a_col]);
+        sq[mt][0] += sq_pair(af[mt][0]) + sq_pair(af[mt][2]);
+        sq[mt][1] += sq_pair(af[mt][1]) + sq_pair(af[mt][3]);
+      }
 #pragma unroll
       for (int j = 0; j < kTiles; ++j) {
-        if (j < tiles) {  // decided at compile time where N is
-          const bf16* hi = &s.phi[st][j * 8 + g][kk + c2];
-          const bf16* lo = &s.phi[st][mp + j * 8 + g][kk + c2];
-          const uint32_t bh[2] = {lds32(hi), lds32(hi + 8)};
-          const uint32_t bl[2] = {lds32(lo), lds32(lo + 8)};
-          proj_mma(acc[j], af, bh);
-          proj_mma(acc[j], af, bl);
+        if (j < tiles) {   // decided at compile time where N is
+          uint32_t bf[4];  // φ_hi's two k halves, then φ_lo's
+          ldmatrix_x4(bf, &s.phi[st][j * 8 + b_row][kk + b_col]);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            proj_mma(part[mt][j], af[mt], bf);
+            proj_mma(part[mt][j], af[mt], bf + 2);
+          }
         }
       }
     }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[mt][j][e] += part[mt][j][e];
   }
   async_wait<0>();
 
-  // A quad's four lanes hold a row's columns: sum them in a fixed order.
+  const int g = lane / 4, c2 = 2 * (lane % 4);  // the fragments' row and column pair
+  const int64_t T = a.tokens;
+  float* z = a.out<float>(kZOut) + int64_t(blockIdx.y) * T * m;
+  float* r = a.out<float>(kROut) + int64_t(blockIdx.y) * T;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    sq[h] += shfl_xor(sq[h], 1);
-    sq[h] += shfl_xor(sq[h], 2);
-  }
-  float* z = a.out<float>(kZOut);
-  float* r = a.out<float>(kROut);
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t tok = t0 + r0 + 8 * h;
-    if (tok >= a.tokens) continue;
-    if (lane % 4 == 0) r[tok] = token_rms(sq[h], K, a.eps_rms);
+    for (int h = 0; h < 2; ++h) {
+      // A quad's four lanes hold a row's columns: sum them in a fixed order.
+      float q = sq[mt][h];
+      q += shfl_xor(q, 1);
+      q += shfl_xor(q, 2);
+      const int64_t tok = t0 + (warp * MT + mt) * 16 + g + 8 * h;
+      if (tok >= T) continue;
+      if (lane % 4 == 0) r[tok] = splits > 1 ? q : token_rms(q, K, a.eps_rms);
 #pragma unroll
-    for (int j = 0; j < kTiles; ++j)
+      for (int j = 0; j < kTiles; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int q = j * 8 + c2 + e;
-        if (j < tiles && q < m) z[tok * m + q] = acc[j][2 * h + e];
-      }
-  }
+        for (int e = 0; e < 2; ++e) {
+          const int col = j * 8 + c2 + e;
+          if (j < tiles && col < m) z[tok * m + col] = acc[mt][j][2 * h + e];
+        }
+    }
 }
 #endif  // MHC_CUDA
 
-// tokens = T, hidden = C, n = n; z (kZOut) [T, m] and r (kROut) [T] fp32 out. n·C must be
-// a multiple of kProjK and x, φ 16-byte aligned (mhc_gen.gpu takes this path only then).
+// tokens = T, hidden = C, n = n, splits = splits of K (see projection_kernel); z (kZOut) and
+// r (kROut) out. n·C must be a multiple of kProjK and x, φ 16-byte aligned (mhc_gen.gpu
+// takes this path only then).
 template <typename T, int N, int HIDDEN, int TM, ProjOp OP, bool DYN>
 int launch_projection(const Args& a) {
   static_assert(sizeof(T) == 2 && HIDDEN == 0 && DYN, "bf16 x, run-time hidden");
@@ -173,8 +222,12 @@ int launch_projection(const Args& a) {
   if (K % kProjK != 0 || !aligned_to(a.p[kX], 16) || !aligned_to(a.p[kPhiSplitT], 16))
     return kBadHidden;
   if (a.tokens == 0) return kOk;
-  const dim3 grid{unsigned((a.tokens + kProjTokens - 1) / kProjTokens)};
   constexpr int NB = N ? N : kProjMaxN;
+  const int splits = a.splits > 1 ? a.splits : 1;
+  const int64_t chunks = K / kProjK;
+  if ((chunks + splits - 1) / splits * (splits - 1) >= chunks) return kBadHidden;  // empty split
+  const dim3 grid{unsigned((a.tokens + proj_tokens<NB>() - 1) / proj_tokens<NB>()),
+                  unsigned(splits)};
   auto* kernel = projection_kernel<N>;
   const size_t smem = sizeof(ProjShared<NB>);
   const error_t err = set_dynamic_smem(kernel, smem);
