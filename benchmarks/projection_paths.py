@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The dynamic forward through the tensor-core projection (z and r in one pass over x, the
-coefficients in a launch of their own, the mixing kernels reading x once), the fused layer
-on a grid of its own (mhc_gen.gpu._LAYER_BLOCKS_PER_SM) and the layer backward given H,
-each against the path before it, in one process: alternating rounds of cold (L2 flushed)
-and graph-replay ms, and the ms of the same bytes at the copy bandwidth measured in the run.
+coefficients in a launch of their own, the mixing kernels reading x once) and the layer
+backward given H, each against the path before it, in one process: alternating rounds of
+cold (L2 flushed) and graph-replay ms, and the ms of the floor's bytes at the copy bandwidth
+measured in the run.
 
     python3 benchmarks/projection_paths.py [--rounds 2]
 """
@@ -35,18 +35,9 @@ SIZES = ((16384, 4096, 4), (8192, 4096, 8), (8192, 7168, 4), (2560, 1280, 4))
 OFF = 1 << 62
 # Each mode: values of mhc_gen.gpu's switches.
 MODES = {
-    "before": dict(
-        _PROJECTION_KERNEL_MIN_TOKENS=OFF, _LAYER_BLOCKS_PER_SM=0, _LAYER_BWD_H_ONCE_MIN_TOKENS=OFF
-    ),
-    "projection": dict(
-        _PROJECTION_KERNEL_MIN_TOKENS=0, _LAYER_BLOCKS_PER_SM=0, _LAYER_BWD_H_ONCE_MIN_TOKENS=OFF
-    ),
-    "+grid": dict(
-        _PROJECTION_KERNEL_MIN_TOKENS=0, _LAYER_BLOCKS_PER_SM=2, _LAYER_BWD_H_ONCE_MIN_TOKENS=OFF
-    ),
-    "+bwd H once": dict(
-        _PROJECTION_KERNEL_MIN_TOKENS=0, _LAYER_BLOCKS_PER_SM=2, _LAYER_BWD_H_ONCE_MIN_TOKENS=0
-    ),
+    "before": dict(_PROJECTION_KERNEL_MIN_TOKENS=OFF, _LAYER_BWD_H_ONCE_MIN_TOKENS=OFF),
+    "projection": dict(_PROJECTION_KERNEL_MIN_TOKENS=0, _LAYER_BWD_H_ONCE_MIN_TOKENS=OFF),
+    "+bwd H once": dict(_PROJECTION_KERNEL_MIN_TOKENS=0, _LAYER_BWD_H_ONCE_MIN_TOKENS=0),
 }
 
 

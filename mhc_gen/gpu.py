@@ -239,28 +239,16 @@ def layer_dynamic(x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     t, n, c = _dims(x)
     out = empty(x.shape, x.dtype, x.device)
     z, r, z_in, r_in = _projected(x, phi, eps_rms)
-    if t and r_in is not None:  # H in one launch, then the layer on _layer_blocks blocks
+    if t and r_in is not None:  # H in one launch, then the layer reading x once
         h = _coefficients_from(z, r, alpha, b, n, iters, eps_sk, post_mult)
         launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
-               eps_rms=eps_rms, splits=_layer_blocks(x), x=x, norm_weight=weight, out=out,
-               **h)  # fmt: skip
+               eps_rms=eps_rms, x=x, norm_weight=weight, out=out, **h)  # fmt: skip
     elif t:
         launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, norm_weight=weight, out=out,
                **_outputs(z_in, None, z, r))  # fmt: skip
     return out, z, r
-
-
-# Blocks an SM for the fused layer given H (its staged kernel: two tokens of x in shared
-# memory, 64 KB at n = 4, C = 4096, bf16), each walking every grid-th token so that only its
-# first copy is not overlapped; 0: a block per tile of consecutive tokens.
-_LAYER_BLOCKS_PER_SM = 2
-
-
-def _layer_blocks(x) -> int:
-    """The staged layer's grid (Args::splits): 0 for a block per tile of tokens."""
-    return _LAYER_BLOCKS_PER_SM * _sm_count(x.device) if _LAYER_BLOCKS_PER_SM else 0
 
 
 def layer_static(x, weight, b, iters, eps_rms, eps_sk, post_mult):

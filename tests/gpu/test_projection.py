@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 import mhc_gen
 from generator.spec import Op, parse
 from mhc_gen import gpu, reference
-from mhc_gen._launch import forced_variant, poisoned_outputs
+from mhc_gen._launch import DTYPES, forced_variant, poisoned_outputs
 from mhc_gen.testing import GRAD_TOLERANCES, TOLERANCES, Tolerance, assert_close, bitwise_equal
 
 pytestmark = pytest.mark.gpu
+
 
 # z = x̄·φ with φ to ~17 bits (bf16 hi + lo) and fp32 accumulation over n·C terms.
 Z_TOL = Tolerance(rel_norm=1e-4, atol=1e-4, rtol=1e-3)
@@ -90,22 +91,17 @@ CASES = [(1, 64, 5), (2, 32, 70), (3, 64, 129), (4, 4096, 9), (4, 1280, 64), (8,
 
 
 @pytest.mark.parametrize(("n", "c", "t"), CASES)
-@pytest.mark.parametrize("blocks_per_sm", [0, 2])
-def test_ops_through_the_projection(n, c, t, blocks_per_sm):
+def test_ops_through_the_projection(n, c, t):
     """pre_dynamic, dynamic_coefficients and layer_dynamic with z and r from the projection
-    kernel (the layer: H in one launch, then the staged kernel on a grid of its own or a
-    block per tile; C = 7168 past the staging limit) against float64; the layer's two grids
-    bitwise equal."""
+    kernel (the layer: H in one launch, then the staged kernel; C = 7168 past the staging
+    limit) against float64."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
     x, phi, alpha, b, w = _inputs(t, n, c, 7 * n + c + t)
     d = [v.double() for v in (x, w, phi, alpha, b)]
     h_ref = reference.dynamic_coefficients(d[0], *d[2:])
     xg, wg, pg, ag, bg = (v.cuda() for v in (x, w, phi, alpha, b))
-    with (
-        mock.patch.object(gpu, "_PROJECTION_KERNEL_MIN_TOKENS", 0),
-        mock.patch.object(gpu, "_LAYER_BLOCKS_PER_SM", blocks_per_sm),
-    ):
+    with mock.patch.object(gpu, "_PROJECTION_KERNEL_MIN_TOKENS", 0):
         assert gpu._projection_kernel(xg)
         pre = _twice(lambda: mhc_gen.pre_dynamic(xg, pg, ag, bg))
         coeffs = _twice(lambda: mhc_gen.dynamic_coefficients(xg, pg, ag, bg))
@@ -116,24 +112,25 @@ def test_ops_through_the_projection(n, c, t, blocks_per_sm):
     assert_close(layer, reference.layer(d[0], d[1], *h_ref), "x_next", tol=TOLERANCES[x.dtype])
 
 
-@pytest.mark.parametrize(("n", "c", "t"), [(4, 4096, 300), (2, 64, 37), (4, 1280, 5)])
-def test_layer_grids_are_bitwise_equal(n, c, t):
-    """The staged layer given H walks every grid-th token or a tile of consecutive ones:
-    the same sums a token, so the same bits; and the static layer likewise."""
+@pytest.mark.parametrize(("n", "c", "t"), [(4, 4096, 37), (2, 64, 300), (8, 512, 33)])
+def test_layer_given_h_is_bitwise_the_layer_computing_it(n, c, t):
+    """The fused layer given H from the coefficients launch (z and r from the projection
+    kernel handed to both) gives bitwise the x_next of the fused kernel computing H itself
+    from the same z and r: the same coefficients(), the same sums a token."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
     x, phi, alpha, b, w = (v.cuda() for v in _inputs(t, n, c, n + c + t))
+    z, r = gpu.projection_with_norms(x, phi, 1e-6)
+    kw = dict(n=n, hidden=c, tokens=t, x=x, norm_weight=w)
     outs = []
-    for blocks_per_sm in (0, 2):
-        with (
-            mock.patch.object(gpu, "_PROJECTION_KERNEL_MIN_TOKENS", 0),
-            mock.patch.object(gpu, "_LAYER_BLOCKS_PER_SM", blocks_per_sm),
-            poisoned_outputs(),
-        ):
-            outs.append((mhc_gen.layer_dynamic(x, w, phi, alpha, b), mhc_gen.layer_static(x, w, b)))
-    for first, second in zip(*outs, strict=True):
-        assert not first.isnan().any()
-        assert bitwise_equal(first, second), "the two grids differ bitwise"
+    with poisoned_outputs():
+        for h in (gpu._coefficients_from(z, r, alpha, b, n, 20, 1e-6, 2.0), {}):
+            out = gpu.empty(x.shape, x.dtype, x.device)
+            given = dict(h) if h else dict(z_in=z, r_in=r, phi=phi, alpha=alpha, bias=b)
+            gpu.launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], out=out, **kw, **given)
+            outs.append(out)
+    assert not outs[0].isnan().any()
+    assert bitwise_equal(outs[0], outs[1]), "H given differs bitwise from H computed"
 
 
 @pytest.mark.parametrize(("n", "c", "t"), [(4, 4096, 33), (2, 64, 5), (8, 512, 17), (3, 77, 9)])
@@ -175,3 +172,31 @@ def test_layer_gradients_through_the_projection(n, c, t):
     tol = GRAD_TOLERANCES[torch.bfloat16]
     for got, want, what in zip(leaves, ref, ("x", "w", "phi", "alpha", "b"), strict=True):
         assert_close(got.grad, want.grad, f"d{what}", tol=tol)
+
+
+@pytest.mark.parametrize("iters", [20, 3, 0])
+def test_coefficient_forms_are_bitwise_equal(iters):
+    """The coefficients from given z and r: the compile-time-n variants (a token a thread)
+    against the run-time-n variant (a warp a token), bitwise, on logits from near-uniform
+    to far from it."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    names = [k for k in mhc_gen.kernels() if k.startswith("coeffs_dyn_n") and "_fp32_" in k]
+    generic = next(k for k in names if parse(k).n is None and parse(k).hidden is None)
+    for name in (k for k in names if parse(k).n is not None and parse(k).hidden is None):
+        n, t = parse(name).n, 1000
+        g = torch.Generator().manual_seed(n + iters)
+        m = reference.num_logits(n)
+        z = (
+            torch.randn(t, m, generator=g) * 10 ** torch.randint(-2, 2, (t, 1), generator=g)
+        ).cuda()
+        r = (torch.rand(t, generator=g) + 0.1).cuda()
+        alpha, b = torch.tensor([1.0, 0.8, 1.2]).cuda(), torch.randn(m, generator=g).cuda()
+        outs = []
+        for variant in (name, generic):
+            with forced_variant(variant), poisoned_outputs():
+                h = gpu._coefficients_from(z, r, alpha, b, n, iters, 1e-6, 2.0)
+            outs.append(list(h.values()))
+        for first, second in zip(*outs, strict=True):
+            assert not first.isnan().any()
+            assert bitwise_equal(first, second), f"{name}: differs from {generic}"

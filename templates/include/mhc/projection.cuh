@@ -103,18 +103,30 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   const bf16* phi = a.in<bf16>(kPhiSplitT);
 
   // One stage: the block's BM rows of x (rows past T read the last token; never stored)
-  // and 2·mp rows of φ, kProjK columns each, in 16-byte pieces.
+  // and 2·mp rows of φ, kProjK columns each, in 16-byte pieces: a thread's pieces are the
+  // same columns of fixed rows in every stage, so their addresses are set once.
+  constexpr int kPieces = kProjK / 8, kRowsAPass = kProjThreads / kPieces;
+  constexpr int kXPasses = BM / kRowsAPass,
+                kPhiPasses = (2 * proj_cols(NB) + kRowsAPass - 1) / kRowsAPass;
+  const int piece = threadIdx.x % kPieces, row0 = threadIdx.x / kPieces;
+  const int64_t kfirst = int64_t(first) * kProjK + piece * 8;
+  const bf16* xsrc[kXPasses];
+#pragma unroll
+  for (int i = 0; i < kXPasses; ++i) {
+    const int64_t tok = t0 + row0 + i * kRowsAPass;
+    xsrc[i] = x + (tok < a.tokens ? tok : a.tokens - 1) * K + kfirst;
+  }
+  const bf16* psrc = phi + int64_t(row0) * K + kfirst;
   auto load_stage = [&](int stage, int chunk) {
-    const int64_t k0 = int64_t(first + chunk) * kProjK;
-    for (int i = threadIdx.x; i < BM * (kProjK / 8); i += kProjThreads) {
-      const int row = i / (kProjK / 8), piece = i % (kProjK / 8);
-      const int64_t tok = t0 + row < a.tokens ? t0 + row : a.tokens - 1;
-      async_copy16(&s.x[stage][row][piece * 8], x + tok * K + k0 + piece * 8);
-    }
-    for (int i = threadIdx.x; i < 2 * mp * (kProjK / 8); i += kProjThreads) {
-      const int row = i / (kProjK / 8), piece = i % (kProjK / 8);
-      async_copy16(&s.phi[stage][row][piece * 8], phi + int64_t(row) * K + k0 + piece * 8);
-    }
+    const int64_t k0 = int64_t(chunk) * kProjK;
+#pragma unroll
+    for (int i = 0; i < kXPasses; ++i)
+      async_copy16(&s.x[stage][row0 + i * kRowsAPass][piece * 8], xsrc[i] + k0);
+#pragma unroll
+    for (int i = 0; i < kPhiPasses; ++i)
+      if (row0 + i * kRowsAPass < 2 * mp)
+        async_copy16(&s.phi[stage][row0 + i * kRowsAPass][piece * 8],
+                     psrc + int64_t(i) * kRowsAPass * K + k0);
   };
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;

@@ -220,6 +220,48 @@ MHC_DEV void coefficients(const Args& a, int n, int slot, const float* z, float 
   }
 }
 
+// The coefficients from given z and r, a token a thread (compile-time n ≤ 8, so that M
+// stays in registers): coefficients()'s operations in its order (a column or row step
+// touches its own column or row, so the steps one after another are the warp's steps side
+// by side; the max is exact in any order), so bitwise its H. In a block that also mixes,
+// a token's Sinkhorn (one warp) holds up the other warps: ≈ 6 µs a token at n = 4
+// (notes/PERF.md, session 13); in a launch of their own 16,384 tokens took 0.074 ms as a
+// warp a token (H200, session 14).
+constexpr int kThreadCoeffsMaxN = 8;
+
+template <int N>
+__global__ void __launch_bounds__(kThreads) coeffs_thread_kernel(Args a) {
+  constexpr int m = num_logits(N);
+  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (t >= a.tokens) return;
+  float z[m], h_pre[N], h_post[N], M[N * N];
+#pragma unroll
+  for (int k = 0; k < m; ++k) z[k] = a.in<float>(kZIn)[t * m + k];
+  const float r = a.in<float>(kRIn)[t];
+  float max_logit = -__builtin_inff();
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    max_logit =
+        fmaxf(max_logit, coefficient_row(i, N, z, r, a.in<float>(kAlpha), a.in<float>(kBias),
+                                         a.post_mult, h_pre, h_post, M, N));
+#pragma unroll
+  for (int i = 0; i < N; ++i) sinkhorn_exp_row(M, N, N, i, max_logit);
+  for (int it = 0; it < a.sinkhorn_iters; ++it) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) sinkhorn_col_step(M, N, N, j, a.eps_sk);
+#pragma unroll
+    for (int i = 0; i < N; ++i) sinkhorn_row_step(M, N, N, i, a.eps_sk);
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (float* h = a.out<float>(kHPre)) h[t * N + i] = h_pre[i];
+    if (float* h = a.out<float>(kHPost)) h[t * N + i] = h_post[i];
+  }
+  if (float* h = a.out<float>(kHRes))
+#pragma unroll
+    for (int k = 0; k < N * N; ++k) h[t * N * N + k] = M[k];
+}
+
 // Writes slot's H (and, for the backward, z and r) to global memory at token t.
 template <int NB, int TM, int SLOTS>
 MHC_DEV void store_coefficients(const Args& a, int n, int slot, int64_t t,
@@ -487,36 +529,33 @@ MHC_DEV void stage_copy(T* dst, const T* src, int64_t K) {
 
 // The fused layer with H given or static, each token's x staged in shared memory: DRAM
 // sees x once, where token_kernel's second pass re-reads it from L2, in which a full GPU's
-// tokens in flight (≈ 67 MB at n = 4, C = 4096, tile 4) do not fit. A block walks its
-// tokens through two buffers: token k + 1 is copied while the block works on token k.
-// Its tokens: TM consecutive ones, or with Args::splits > 0 (a grid of that many blocks)
-// every gridDim.x-th from blockIdx.x, so that only a block's first copy is not overlapped.
-// The arithmetic and its order are token_kernel's, so both give bitwise the same results.
+// tokens in flight (≈ 67 MB at n = 4, C = 4096, tile 4) do not fit. A block walks its TM
+// tokens through two buffers: token t + 1 is copied while the block works on token t. The
+// arithmetic and its order are token_kernel's, so both give bitwise the same results.
 // DYN: per-token H from the caller (kHPreIn, kHPostIn, kHResIn: one coefficients launch on
 // the projection's z and r), loaded with the token's copy. Dynamic H computed here would
 // put each token's Sinkhorn (one warp, the block waiting) between its copy and its passes,
-// which measured slower (notes/PERF.md, session 8).
+// which measured slower (notes/PERF.md, session 8). A grid of 2 blocks an SM, each walking
+// every grid-th token, measured slower than a block a tile (H200, session 14: the dynamic
+// layer's forward 0.611 → 0.663 ms at n = 4, T = 16384, C = 4096).
 template <typename T, int N, int HIDDEN, int TM, int VEC, bool DYN>
 __global__ void __launch_bounds__(kThreads) staged_layer_kernel(Args a) {
   constexpr int NB = n_bound<N>();
-  constexpr int SLOTS = DYN ? 2 : 1;  // token k's H in slot k % 2
+  constexpr int SLOTS = DYN ? 2 : 1;  // token t's H in slot t % 2
   __shared__ Shared<NB, TM, SLOTS> s;
   extern __shared__ float4 staged_x[];
   const int n = N ? N : a.n;
   const int64_t C = HIDDEN ? HIDDEN : a.hidden;
   const int64_t K = int64_t(n) * C;
-  const bool strided = a.splits > 0;
-  const int64_t base = strided ? int64_t(blockIdx.x) : int64_t(blockIdx.x) * TM;
-  const int64_t stride = strided ? int64_t(gridDim.x) : 1;
-  const int64_t remaining = a.tokens - base;
-  const int64_t count =
-      strided ? (remaining + stride - 1) / stride : (remaining < TM ? remaining : int64_t(TM));
+  const int64_t t0 = int64_t(blockIdx.x) * TM;
+  const int64_t remaining = a.tokens - t0;
+  const int nt = remaining < TM ? int(remaining) : TM;
   const T* x = a.in<T>(kX);
-  T* const staged = reinterpret_cast<T*>(staged_x);  // token k in buffer k % 2
+  T* const staged = reinterpret_cast<T*>(staged_x);  // token t in buffer t % 2
 
-  stage_copy(staged, x + base * K, K);
+  stage_copy(staged, x + t0 * K, K);
   if constexpr (DYN) {
-    load_token_coefficients<NB, TM, SLOTS>(a, n, base, 1, 0, s);
+    load_token_coefficients<NB, TM, SLOTS>(a, n, t0, 1, 0, s);
   } else if (a.in<float>(kHResIn)) {
     load_static_coefficients<NB, TM, SLOTS>(a, n, s);
   } else if (threadIdx.x / kWarp == 0) {
@@ -524,15 +563,14 @@ __global__ void __launch_bounds__(kThreads) staged_layer_kernel(Args a) {
     if (blockIdx.x == 0) store_coefficients<NB, TM, SLOTS>(a, n, 0, 0, s);
   }
   const int64_t c0 = int64_t(threadIdx.x) * VEC, cstep = int64_t(kThreads) * VEC;
-  for (int64_t k = 0; k < count; ++k) {
-    const int64_t tok = base + k * stride;
-    const int hs = DYN ? int(k % 2) : 0;
-    const T* xs = staged + (k % 2) * K;
+  for (int t = 0; t < nt; ++t) {
+    const int hs = DYN ? t % 2 : 0;
+    const T* xs = staged + (t % 2) * K;
     stage_wait();
-    __syncthreads();  // token k is staged; every thread is done with token k - 1's buffer
-    if (k + 1 < count) {
-      stage_copy(staged + ((k + 1) % 2) * K, x + (tok + stride) * K, K);
-      if constexpr (DYN) load_token_coefficients<NB, TM, SLOTS>(a, n, tok + stride, 1, 1 - hs, s);
+    __syncthreads();  // token t is staged; every thread is done with token t - 1's buffer
+    if (t + 1 < nt) {
+      stage_copy(staged + ((t + 1) % 2) * K, x + (t0 + t + 1) * K, K);
+      if constexpr (DYN) load_token_coefficients<NB, TM, SLOTS>(a, n, t0 + t + 1, 1, 1 - hs, s);
     }
     float sq = 0.0f;
     for (int64_t c = c0; c < C; c += cstep) {
@@ -545,7 +583,7 @@ __global__ void __launch_bounds__(kThreads) staged_layer_kernel(Args a) {
     if (threadIdx.x == 0) s.sum_sq[0] = 1.0f / token_rms(sum_sq, C, a.eps_rms);
     __syncthreads();
     const float inv_rms = s.sum_sq[0];
-    T* ot = a.out<T>(kOut) + tok * K;
+    T* ot = a.out<T>(kOut) + (t0 + t) * K;
     for (int64_t c = c0; c < C; c += cstep)
       layer_vector<T, NB, VEC>(xs, ot, C, n, s.h_pre[hs], s.h_post[hs], s.h_res[hs], inv_rms,
                                a.in<float>(kNormWeight), c);
@@ -591,6 +629,13 @@ int launch(const Args& a) {
   const bool project =
       DYN && OP != Op::Post && a.p[kZIn] == nullptr && !(OP == Op::Layer && a.p[kHResIn]);
   if constexpr (OP == Op::Coeffs) {
+    if constexpr (DYN && N > 0 && N <= kThreadCoeffsMaxN) {
+      if (a.p[kZIn] && a.p[kRIn] && !a.p[kZOut] && !a.p[kROut]) {
+        const dim3 grid{unsigned((a.tokens + kThreads - 1) / kThreads)};
+        coeffs_thread_kernel<N><<<grid, kThreads, 0, stream>>>(a);
+        return int(last_error());
+      }
+    }
     const dim3 grid{unsigned(blocks)};
     if (project)
       token_kernel<T, N, HIDDEN, TM, OP, DYN, 1, DYN><<<grid, kThreads, 0, stream>>>(a);
@@ -613,18 +658,15 @@ int launch(const Args& a) {
     const int64_t token_bytes = int64_t(a.n) * a.hidden * int64_t(sizeof(T));
     const bool rows16 = vec_ok && token_bytes % 16 == 0 && aligned_to(a.p[kX], 16);
     // The fused layer with H given (dynamic, per token) or static: staged where two tokens
-    // fit, on Args::splits blocks where given (see staged_layer_kernel).
+    // fit.
     const bool h_given = a.p[kHResIn] != nullptr;
-    const int64_t staged_blocks =
-        a.splits > 0 ? (a.splits < a.tokens ? int64_t(a.splits) : a.tokens) : blocks;
-    const dim3 staged_grid{unsigned(staged_blocks)};
     if constexpr (OP == Op::Layer && DYN) {
       if (h_given) {
         if (!a.p[kHPreIn] || !a.p[kHPostIn]) return kMissingInput;  // a given H comes whole
         const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, 2>));
         if (rows16 && 2 * token_bytes + fixed <= kStageSmemBytes)
-          return launch_with_smem(staged_layer_kernel<T, N, HIDDEN, TM, VEC, true>, staged_grid,
-                                  2 * size_t(token_bytes), stream, a);
+          return launch_with_smem(staged_layer_kernel<T, N, HIDDEN, TM, VEC, true>,
+                                  dim3(unsigned(blocks)), 2 * size_t(token_bytes), stream, a);
       }
       const int64_t smem = int64_t(TM) * token_bytes;
       const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, TM>));
@@ -635,8 +677,8 @@ int launch(const Args& a) {
     if constexpr (OP == Op::Layer && !DYN) {
       const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, 1>));
       if (rows16 && 2 * token_bytes + fixed <= kStageSmemBytes)
-        return launch_with_smem(staged_layer_kernel<T, N, HIDDEN, TM, VEC, false>, staged_grid,
-                                2 * size_t(token_bytes), stream, a);
+        return launch_with_smem(staged_layer_kernel<T, N, HIDDEN, TM, VEC, false>,
+                                dim3(unsigned(blocks)), 2 * size_t(token_bytes), stream, a);
     }
     if (vec_ok && project)
       token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, P><<<grid, kThreads, 0, stream>>>(a);
