@@ -66,13 +66,13 @@ def projection(x, phi):
 # (mhc/projection.cuh: one pass over x, the cuBLAS path's precision): with r known before
 # the mixing kernels, the coefficients run in a launch of their own and those kernels read
 # x once, instead of reading it for r and running each token's Sinkhorn between that read
-# and the mixing. Its 64-token blocks need many tokens to fill a GPU.
+# and the mixing. Its blocks of 128 or 256 tokens need many tokens to fill a GPU.
 _PROJECTION_KERNEL_MIN_TOKENS = 4096
 
 
-def _projection_kernel(x) -> bool:
+def _projection_kernel(x, phi) -> bool:
     """Whether z and r come from mhc_gen's projection kernel (CUDA, bf16, n ≤ 8, n·C a
-    multiple of its 64-wide k step, x 16-byte aligned, enough tokens)."""
+    multiple of its 64-wide k step, x and φ 16-byte aligned, enough tokens)."""
     t, n, c = _dims(x)
     return (
         x.is_cuda
@@ -81,19 +81,9 @@ def _projection_kernel(x) -> bool:
         and n <= PROJ_MAX_N
         and (n * c) % 64 == 0
         and x.data_ptr() % 16 == 0
+        and phi.data_ptr() % 16 == 0
         and t >= _PROJECTION_KERNEL_MIN_TOKENS
     )
-
-
-def _phi_split_t(phi):
-    """[2, mp, n·C] bf16: φᵀ split into hi and lo parts, rows m..mp − 1 zero (mp = m
-    rounded up to 8, the mma's n8)."""
-    k, m = phi.shape
-    mp = -(-m // 8) * 8
-    pt = torch.empty((mp, k), dtype=torch.float32, device=phi.device)
-    pt[:m].copy_(phi.t())
-    pt[m:].zero_()
-    return _split_bf16_cat(pt, "hl", 0).view(2, mp, k)
 
 
 def _projection_splits(t: int, n: int, k: int, device) -> int:
@@ -104,53 +94,50 @@ def _projection_splits(t: int, n: int, k: int, device) -> int:
     return max(1, min(want, k // (16 * 64), 16))
 
 
-def projection_with_norms(x, phi, eps_rms):
-    """(z, r) of bf16 x in one pass of the tensor-core projection (_projection_kernel):
-    split along n·C where its token blocks alone would not fill the GPU, the splits' partial
-    z and Σx̄² then summed in split order."""
+def projection_partials(x, phi) -> dict:
+    """One pass of the tensor-core projection (_projection_kernel), split along n·C where
+    its token blocks alone would not fill the GPU: the per-split partial z [S, T, m] and
+    Σx̄² [S, T] as the launch arguments of a coefficient kernel, which sums them in split
+    order (z_in, sq_in, splits)."""
     t, n, c = _dims(x)
-    m, k = reference.num_logits(n), n * c
-    splits = _projection_splits(t, n, k, x.device)
-    z = empty((splits, t, m), torch.float32, x.device)
-    r = empty((splits, t), torch.float32, x.device)
-    launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, eps_rms=eps_rms,
-           splits=splits, x=x, phi_split_t=_phi_split_t(phi), z_out=z, r_out=r)  # fmt: skip
-    if splits == 1:
-        return z[0], r[0]
-    return z.sum(0), torch.sqrt(r.sum(0) / k + eps_rms)
+    splits = _projection_splits(t, n, n * c, x.device)
+    z = empty((splits, t, reference.num_logits(n)), torch.float32, x.device)
+    sq = empty((splits, t), torch.float32, x.device)
+    launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, splits=splits, x=x,
+           phi=phi, z_out=z, r_out=sq)  # fmt: skip
+    return dict(z_in=z, sq_in=sq, splits=splits)
 
 
-def _projected(x, phi, eps_rms):
-    """(z, r, z_in, r_in): z and r from the projection kernel (both given to the kernel that
-    follows); or the GEMM's z with an r buffer that kernel fills; or buffers for both, which
-    its own projection fills (z_in and r_in None)."""
+def _projected(x, phi) -> tuple:
+    """(z, r, args): the z and r buffers the backward keeps, and the launch arguments that
+    fill them in the kernel that takes them. From the projection kernel: its partials in,
+    z and r out (z is split 0 where there is one); from the GEMM: its z in, r out; else
+    both out of that kernel's own projection."""
     t, n, _ = _dims(x)
-    if _projection_kernel(x):
-        z, r = projection_with_norms(x, phi, eps_rms)
-        return z, r, z, r
-    z = projection(x, phi)
+    m = reference.num_logits(n)
     r = empty((t,), torch.float32, x.device)
+    if _projection_kernel(x, phi):
+        args = projection_partials(x, phi)
+        whole = args["splits"] == 1
+        z = args["z_in"][0] if whole else empty((t, m), torch.float32, x.device)
+        return z, r, dict(args, z_out=None if whole else z, r_out=r)
+    z = projection(x, phi)
     if z is not None:
-        return z, r, z, None
-    return empty((t, reference.num_logits(n)), torch.float32, x.device), r, None, None
-
-
-def _outputs(z_in, r_in, z, r) -> dict:
-    """The z and r a kernel fills: those not given to it."""
-    return dict(z_in=z_in, r_in=r_in, z_out=None if z_in is not None else z,
-                r_out=None if r_in is not None else r)  # fmt: skip
+        return z, r, dict(z_in=z, r_out=r)
+    z = empty((t, m), torch.float32, x.device)
+    return z, r, dict(z_out=z, r_out=r)
 
 
 def dynamic_coefficients(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     """(H_pre, H_post, H_res, z, r)."""
     t, n, c = _dims(x)
     h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
-    z, r, z_in, r_in = _projected(x, phi, eps_rms)
+    z, r, args = _projected(x, phi)
     if t:
         launch(Op.COEFFS_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, h_pre=h_pre, h_post=h_post,
-               h_res=h_res, **_outputs(z_in, r_in, z, r))  # fmt: skip
+               h_res=h_res, **args)  # fmt: skip
     return h_pre, h_post, h_res, z, r
 
 
@@ -178,12 +165,12 @@ def pre_dynamic(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     t, n, c = _dims(x)
     u = empty((t, c), x.dtype, x.device)
     h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
-    z, r, z_in, r_in = _projected(x, phi, eps_rms)
+    z, r, args = _projected(x, phi)
     if t:
         launch(Op.PRE_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, out=u, h_pre=h_pre, h_post=h_post,
-               h_res=h_res, **_outputs(z_in, r_in, z, r))  # fmt: skip
+               h_res=h_res, **args)  # fmt: skip
     return u, h_pre, h_post, h_res, z, r
 
 
@@ -238,16 +225,21 @@ def layer_dynamic(x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     """(x_next, z, r)."""
     t, n, c = _dims(x)
     out = empty(x.shape, x.dtype, x.device)
-    z, r, z_in, r_in = _projected(x, phi, eps_rms)
-    if t and r_in is not None:  # H in one launch, then the layer reading x once
-        h = _coefficients_from(z, r, alpha, b, n, iters, eps_sk, post_mult)
+    z, r, args = _projected(x, phi)
+    if t and "sq_in" in args:  # H in one launch (z and r out), then the layer reading x once
+        h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
+        launch(Op.COEFFS_DYN, x.device, DType.FP32, n=n, hidden=c, tokens=t,
+               sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
+               alpha=alpha, bias=b, h_pre=h_pre, h_post=h_post, h_res=h_res,
+               **args)  # fmt: skip
         launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
-               eps_rms=eps_rms, x=x, norm_weight=weight, out=out, **h)  # fmt: skip
+               eps_rms=eps_rms, x=x, norm_weight=weight, out=out, h_pre_in=h_pre,
+               h_post_in=h_post, h_res_in=h_res)  # fmt: skip
     elif t:
         launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, norm_weight=weight, out=out,
-               **_outputs(z_in, None, z, r))  # fmt: skip
+               **args)  # fmt: skip
     return out, z, r
 
 

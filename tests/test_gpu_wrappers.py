@@ -153,38 +153,36 @@ def test_gemm_projection_leaves_r_to_the_kernel(monkeypatch):
     v = _inputs()
     u, hp, hq, hr, z, r = gpu.pre_dynamic(v["x"], v["phi"], v["alpha"], v["b"], 20, 1e-6, 1e-6, 2)
     ((op, kw),) = seen
-    assert op is Op.PRE_DYN and kw["r_in"] is None and kw["r_out"] is r and kw["z_out"] is None
+    assert op is Op.PRE_DYN and "r_in" not in kw and kw["r_out"] is r and "z_out" not in kw
     x2 = v["x"].float().view(T, -1)
     assert torch.allclose(kw["z_in"], x2 @ v["phi"], rtol=1e-4, atol=1e-4)
 
 
 def test_projection_kernel_gives_z_and_r_to_the_kernels_after_it(monkeypatch):
-    """With the tensor-core projection, pre takes z and r; the layer takes H from one
-    coefficients launch on them, on a grid of its own; the layer backward takes H too."""
+    """With the tensor-core projection, pre sums its partial z and Σx̄² and writes z and r;
+    the layer takes H from one coefficients launch that does, then mixes with H given; the
+    layer backward takes H from one launch on the saved z and r."""
     seen = []
     monkeypatch.setattr(gpu, "launch", lambda op, device, dtype, **kw: seen.append((op, kw)))
-    monkeypatch.setattr(gpu, "_projection_kernel", lambda x: True)
+    monkeypatch.setattr(gpu, "_projection_kernel", lambda x, phi: True)
     monkeypatch.setattr(gpu, "_sm_count", lambda device: 7)
     monkeypatch.setattr(gpu, "_LAYER_BWD_H_ONCE_MIN_TOKENS", 0)
     monkeypatch.setattr(gpu, "_fused_layer_backward", lambda x: True)
     v, m = _inputs(), R.num_logits(N)
     u, hp, hq, hr, z, r = gpu.pre_dynamic(v["x"], v["phi"], v["alpha"], v["b"], 20, 1e-6, 1e-6, 2)
     (op1, proj), (op2, pre) = seen
-    assert op1 is Op.PROJ_DYN and proj["splits"] == 1  # n·C = 24: one split of K
-    assert (
-        proj["z_out"][0].data_ptr() == z.data_ptr() and proj["r_out"][0].data_ptr() == r.data_ptr()
-    )
-    mp = -(-m // 8) * 8
-    split = proj["phi_split_t"]
-    assert split.shape == (2, mp, N * C) and split.dtype == torch.bfloat16
-    assert not split[:, m:].any() and torch.equal(split[0, :m], v["phi"].t().bfloat16())
-    assert op2 is Op.PRE_DYN and pre["z_in"] is z and pre["r_in"] is r
-    assert pre["z_out"] is None and pre["r_out"] is None
+    assert op1 is Op.PROJ_DYN and proj["splits"] == 1 and proj["phi"] is v["phi"]
+    assert proj["z_out"].shape == (1, T, m) and proj["r_out"].shape == (1, T)
+    assert z.data_ptr() == proj["z_out"].data_ptr()  # one split: split 0 is z
+    assert op2 is Op.PRE_DYN and pre["z_in"] is proj["z_out"] and pre["sq_in"] is proj["r_out"]
+    assert pre["z_out"] is None and pre["r_out"] is r and pre["splits"] == 1
     seen.clear()
+    monkeypatch.setattr(gpu, "_projection_splits", lambda t, n, k, device: 3)
     out, z, r = gpu.layer_dynamic(v["x"], v["w"], v["phi"], v["alpha"], v["b"], 20, 1e-6, 1e-6, 2)
     assert [op for op, _ in seen] == [Op.PROJ_DYN, Op.COEFFS_DYN, Op.LAYER_DYN]
-    coeffs, layer = seen[1][1], seen[2][1]
-    assert coeffs["z_in"] is z and coeffs["r_in"] is r and coeffs.get("x") is None
+    proj, coeffs, layer = (kw for _, kw in seen)
+    assert coeffs["z_in"] is proj["z_out"] and coeffs["splits"] == 3 and coeffs["hidden"] == C
+    assert coeffs["z_out"] is z and coeffs["r_out"] is r and coeffs.get("x") is None
     assert layer["h_res_in"] is coeffs["h_res"] and layer["h_pre_in"] is coeffs["h_pre"]
     assert layer.get("z_in") is None and layer.get("phi") is None and layer["out"] is out
     seen.clear()
@@ -192,6 +190,7 @@ def test_projection_kernel_gives_z_and_r_to_the_kernels_after_it(monkeypatch):
     gpu._layer_front(grad, v["x"], v["w"], v["b"], 20, 1e-6, 1e-6, 2, z=z, r=r, phi=v["phi"],
                      alpha=v["alpha"])  # fmt: skip
     assert [op for op, _ in seen] == [Op.COEFFS_DYN, Op.LAYER_BWD_DYN]
+    assert seen[0][1]["z_in"] is z and seen[0][1]["r_in"] is r
     assert seen[1][1]["h_post_in"] is seen[0][1]["h_post"]
 
 

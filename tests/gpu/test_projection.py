@@ -69,9 +69,9 @@ def test_projection_variant(name, data):
     r_ref = torch.sqrt(xd.square().mean(-1) + 1e-6)
     xg, pg = x.cuda(), phi.cuda()
     with forced_variant(name):
-        z, r = _twice(lambda: gpu.projection_with_norms(xg, pg, 1e-6))
-    assert_close(z, z_ref, "z", tol=Z_TOL)
-    assert_close(r, r_ref, "r")
+        z, sq = _twice(lambda: tuple(gpu.projection_partials(xg, pg)[k] for k in ("z_in", "sq_in")))
+    assert_close(z.sum(0), z_ref, "z", tol=Z_TOL)
+    assert_close(torch.sqrt(sq.sum(0) / (n * c) + 1e-6), r_ref, "r")
 
 
 def test_projection_rejects_what_it_cannot_serve():
@@ -79,11 +79,11 @@ def test_projection_rejects_what_it_cannot_serve():
         pytest.skip("no GPU")
     x = torch.randn(64, 4, 40, device="cuda").bfloat16()  # n·C = 160: not a multiple of 64
     phi = torch.randn(160, 24, device="cuda")
-    assert not gpu._projection_kernel(x)
+    assert not gpu._projection_kernel(x, phi)
     with pytest.raises(ValueError, match="hidden"):
-        gpu.projection_with_norms(x, phi, 1e-6)
+        gpu.projection_partials(x, phi)
     x16 = torch.randn(64, 16, 64, device="cuda").bfloat16()
-    assert not gpu._projection_kernel(x16)  # n > 8: the kernel's accumulators
+    assert not gpu._projection_kernel(x16, phi)  # n > 8: the kernel's accumulators
 
 
 CASES = [(1, 64, 5), (2, 32, 70), (3, 64, 129), (4, 4096, 9), (4, 1280, 64), (8, 512, 33),
@@ -102,7 +102,7 @@ def test_ops_through_the_projection(n, c, t):
     h_ref = reference.dynamic_coefficients(d[0], *d[2:])
     xg, wg, pg, ag, bg = (v.cuda() for v in (x, w, phi, alpha, b))
     with mock.patch.object(gpu, "_PROJECTION_KERNEL_MIN_TOKENS", 0):
-        assert gpu._projection_kernel(xg)
+        assert gpu._projection_kernel(xg, pg)
         pre = _twice(lambda: mhc_gen.pre_dynamic(xg, pg, ag, bg))
         coeffs = _twice(lambda: mhc_gen.dynamic_coefficients(xg, pg, ag, bg))
         (layer,) = _twice(lambda: (mhc_gen.layer_dynamic(xg, wg, pg, ag, bg),))
@@ -120,7 +120,8 @@ def test_layer_given_h_is_bitwise_the_layer_computing_it(n, c, t):
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
     x, phi, alpha, b, w = (v.cuda() for v in _inputs(t, n, c, n + c + t))
-    z, r = gpu.projection_with_norms(x, phi, 1e-6)
+    with mock.patch.object(gpu, "_PROJECTION_KERNEL_MIN_TOKENS", 0):
+        *_, z, r = mhc_gen.dynamic_coefficients(x, phi, alpha, b)
     kw = dict(n=n, hidden=c, tokens=t, x=x, norm_weight=w)
     outs = []
     with poisoned_outputs():

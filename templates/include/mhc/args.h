@@ -19,8 +19,6 @@ enum Ptr : int {
   kX,           // [T, n, C] x, in the variant's dtype
   kY,           // [T, C] sublayer output, same dtype
   kPhi,         // [n·C, m] fp32 projection (dynamic H)
-  kPhiSplitT,   // [2, mp, n·C] bf16: φᵀ split into hi and lo, rows past m zero (mp = m
-                //   rounded up to 8), for the tensor-core projection
   kAlpha,       // [3] fp32: pre, post, res scales (dynamic H)
   kBias,        // [m] fp32: b, or the static logits
   kNormWeight,  // [C] fp32: the seed layer's RMSNorm weight
@@ -37,6 +35,9 @@ enum Ptr : int {
   kGradHResIn,    // [T, n, n] fp32 upstream ∂H_res; may be null
   kZIn,           // [T, m] fp32 saved projection z = x̄·φ
   kRIn,           // [T] fp32 saved RMS r; null with kZIn: the kernel computes r from x
+  kSqIn,          // [S, T] fp32 Σx̄² of the projection kernel's S splits of n·C (S =
+                  //   Args::splits), kZIn then [S, T, m] partial z: the coefficient kernels
+                  //   sum them in split order, then write z and r (kZOut, kROut) if given
   kGradLogitsIn,  // [T, m] fp32 ∂z (phi-grad input)
   kGradXIn,       // [T, n, C] ∂x from another path, added to pre's ∂x; may be null
   kPhiT,          // [m, n·C] fp32 φᵀ for pre's backward (coalesced per logit); may be null

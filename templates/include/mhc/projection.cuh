@@ -3,12 +3,14 @@
 // Sinkhorn (which needs r) sat between that read and the token's mixing. With r here, the
 // coefficients run in a launch of their own and the mixing kernels read x once.
 //
-// x (kX) is [T, K = n·C] bf16, exact as an mma operand; φ comes split into bf16 hi + lo
-// parts, transposed and padded (kPhiSplitT: [2, mp, K], mp = m rounded up to 8, rows past m
-// zero), so that z ≈ x̄·φ_hi + x̄·φ_lo with fp32 accumulation: the cuBLAS path's precision.
-// x and φ tiles stream through shared memory by cp.async, kProjStages deep. Σx̄² comes from
-// the A fragments the mma's read: each lane sums its columns, then a quad sums in a fixed
-// order, so r is bitwise reproducible (as is z: a fixed k order, splits summed in order).
+// x (kX) is [T, K = n·C] bf16, exact as an mma operand; φ (kPhi, [K, m] fp32) is split as
+// it arrives into bf16 hi + lo (rounded to nearest, lo the rounding error rounded), so that
+// z ≈ x̄·φ_hi + x̄·φ_lo with fp32 accumulation: the cuBLAS path's precision, without a pass
+// that splits φ first. A chunk of 64 k is 64 consecutive rows of φ, one contiguous run.
+// x and φ stream through shared memory by cp.async, kProjStages deep. Σx̄² comes from the A
+// fragments the mma's read: each lane sums its columns, then a quad sums in a fixed order.
+// Outputs are per split of K (see projection_kernel), summed in split order by the
+// coefficient kernels that take them (kSqIn): z and r are bitwise reproducible.
 #pragma once
 
 #include "args.h"
@@ -39,7 +41,7 @@ template <int NB>
 MHC_CX int proj_tokens() {
   return kProjWarps * 16 * proj_mtiles<NB>();
 }
-// Stages in flight: 4 at n ≤ 4 (100 KB: 2 blocks an SM), else 3 (177 KB at n = 8).
+// Stages in flight: 4 at n ≤ 4 (105 KB: 2 blocks an SM), else 3 (194 KB at n = 8).
 template <int NB>
 MHC_CX int proj_stages() {
   return NB <= 4 ? 4 : 3;
@@ -48,7 +50,8 @@ MHC_CX int proj_stages() {
 template <int NB>
 struct ProjShared {
   bf16 x[proj_stages<NB>()][proj_tokens<NB>()][kProjLd];
-  bf16 phi[proj_stages<NB>()][2 * proj_cols(NB)][kProjLd];
+  float phi32[proj_stages<NB>()][kProjK * (NB * NB + 2 * NB)];  // φ's rows as stored
+  bf16 phi[2 * proj_cols(NB)][kProjLd];  // the chunk's φ_hi then φ_lo, [logit][k]
 };
 
 // Four 8×8 bf16 matrices from shared memory, lane l giving row l % 8 of matrix l / 8: each
@@ -76,9 +79,8 @@ MHC_DEV void proj_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t* b) 
 }
 
 // Block (bx, by): tokens [bx·BM, +BM) over the k chunks of split by (Args::splits splits of
-// K, each a run of whole 64-wide chunks). One split: z and r out. Several: split by's
-// partial z and Σx̄² to [by] of [splits, T, m] and [splits, T] (mhc_gen.gpu sums them in
-// split order).
+// K, each a run of whole 64-wide chunks): the split's partial z and Σx̄² to [by] of kZOut
+// [splits, T, m] and kROut [splits, T].
 template <int N>
 __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   constexpr int NB = N ? N : kProjMaxN;
@@ -100,33 +102,33 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   const int first = int(blockIdx.y) * per_split;
   const int chunks = (total - first < per_split ? total - first : per_split);
   const bf16* x = a.in<bf16>(kX);
-  const bf16* phi = a.in<bf16>(kPhiSplitT);
+  const float* phi = a.in<float>(kPhi);
 
-  // One stage: the block's BM rows of x (rows past T read the last token; never stored)
-  // and 2·mp rows of φ, kProjK columns each, in 16-byte pieces: a thread's pieces are the
-  // same columns of fixed rows in every stage, so their addresses are set once.
+  // One stage: the block's BM rows of x (rows past T read the last token; never stored),
+  // kProjK columns each, and φ's kProjK rows, in 16-byte pieces: a thread's x pieces are
+  // the same columns of fixed rows in every stage, so their addresses are set once.
   constexpr int kPieces = kProjK / 8, kRowsAPass = kProjThreads / kPieces;
-  constexpr int kXPasses = BM / kRowsAPass,
-                kPhiPasses = (2 * proj_cols(NB) + kRowsAPass - 1) / kRowsAPass;
+  constexpr int kXPasses = BM / kRowsAPass;
+  constexpr int kPhiPasses = (kProjK * (NB * NB + 2 * NB) / 4 + kProjThreads - 1) / kProjThreads;
   const int piece = threadIdx.x % kPieces, row0 = threadIdx.x / kPieces;
-  const int64_t kfirst = int64_t(first) * kProjK + piece * 8;
   const bf16* xsrc[kXPasses];
 #pragma unroll
   for (int i = 0; i < kXPasses; ++i) {
     const int64_t tok = t0 + row0 + i * kRowsAPass;
-    xsrc[i] = x + (tok < a.tokens ? tok : a.tokens - 1) * K + kfirst;
+    xsrc[i] = x + (tok < a.tokens ? tok : a.tokens - 1) * K + int64_t(first) * kProjK + piece * 8;
   }
-  const bf16* psrc = phi + int64_t(row0) * K + kfirst;
+  const float* psrc = phi + int64_t(first) * kProjK * m;
+  const int phi_pieces = kProjK * m / 4;  // m·64 floats: m·16 pieces
   auto load_stage = [&](int stage, int chunk) {
     const int64_t k0 = int64_t(chunk) * kProjK;
 #pragma unroll
     for (int i = 0; i < kXPasses; ++i)
       async_copy16(&s.x[stage][row0 + i * kRowsAPass][piece * 8], xsrc[i] + k0);
 #pragma unroll
-    for (int i = 0; i < kPhiPasses; ++i)
-      if (row0 + i * kRowsAPass < 2 * mp)
-        async_copy16(&s.phi[stage][row0 + i * kRowsAPass][piece * 8],
-                     psrc + int64_t(i) * kRowsAPass * K + k0);
+    for (int i = 0; i < kPhiPasses; ++i) {
+      const int e = threadIdx.x + i * kProjThreads;
+      if (e < phi_pieces) async_copy16(&s.phi32[stage][4 * e], psrc + k0 * m + 4 * e);
+    }
   };
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -155,6 +157,16 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
     if (next < chunks) load_stage(next % S, next);
     async_commit();  // an empty group past the end keeps the count
     const int st = chunk % S;
+    // The chunk's φ split into bf16 hi and lo, transposed to [logit][k] for ldmatrix; logits
+    // m..mp - 1 zero. Lanes walk logits, so that the fp32 reads are consecutive.
+    for (int e = threadIdx.x; e < kProjK * mp; e += kProjThreads) {
+      const int k = e / mp, q = e % mp;
+      const float v = q < m ? s.phi32[st][k * m + q] : 0.0f;
+      const bf16 hi = from_float<bf16>(v);
+      s.phi[q][k] = hi;
+      s.phi[mp + q][k] = from_float<bf16>(v - to_float(hi));
+    }
+    __syncthreads();  // the split tile is whole
     // A chunk's products summed apart, then added: z's fp32 error grows with K / 64 + 64
     // terms instead of K (n·C = 28,672 at n = 4, C = 7168).
     float part[MT][kTiles][4];
@@ -177,7 +189,7 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
       for (int j = 0; j < kTiles; ++j) {
         if (j < tiles) {   // decided at compile time where N is
           uint32_t bf[4];  // φ_hi's two k halves, then φ_lo's
-          ldmatrix_x4(bf, &s.phi[st][j * 8 + b_row][kk + b_col]);
+          ldmatrix_x4(bf, &s.phi[j * 8 + b_row][kk + b_col]);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             proj_mma(part[mt][j], af[mt], bf);
@@ -209,7 +221,7 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
       q += shfl_xor(q, 2);
       const int64_t tok = t0 + (warp * MT + mt) * 16 + g + 8 * h;
       if (tok >= T) continue;
-      if (lane % 4 == 0) r[tok] = splits > 1 ? q : token_rms(q, K, a.eps_rms);
+      if (lane % 4 == 0) r[tok] = q;
 #pragma unroll
       for (int j = 0; j < kTiles; ++j)
 #pragma unroll
@@ -221,18 +233,17 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
 }
 #endif  // MHC_CUDA
 
-// tokens = T, hidden = C, n = n, splits = splits of K (see projection_kernel); z (kZOut) and
-// r (kROut) out. n·C must be a multiple of kProjK and x, φ 16-byte aligned (mhc_gen.gpu
-// takes this path only then).
+// tokens = T, hidden = C, n = n, splits = splits of K (see projection_kernel); partial z
+// (kZOut) and Σx̄² (kROut) out. n·C must be a multiple of kProjK and x, φ 16-byte aligned
+// (mhc_gen.gpu takes this path only then).
 template <typename T, int N, int HIDDEN, int TM, ProjOp OP, bool DYN>
 int launch_projection(const Args& a) {
   static_assert(sizeof(T) == 2 && HIDDEN == 0 && DYN, "bf16 x, run-time hidden");
 #if defined(MHC_CUDA)
   if (a.n < 1 || a.n > kProjMaxN || (N && a.n != N)) return kBadN;
-  if (!a.p[kX] || !a.p[kPhiSplitT] || !a.p[kZOut] || !a.p[kROut]) return kMissingInput;
+  if (!a.p[kX] || !a.p[kPhi] || !a.p[kZOut] || !a.p[kROut]) return kMissingInput;
   const int64_t K = int64_t(a.n) * a.hidden;
-  if (K % kProjK != 0 || !aligned_to(a.p[kX], 16) || !aligned_to(a.p[kPhiSplitT], 16))
-    return kBadHidden;
+  if (K % kProjK != 0 || !aligned_to(a.p[kX], 16) || !aligned_to(a.p[kPhi], 16)) return kBadHidden;
   if (a.tokens == 0) return kOk;
   constexpr int NB = N ? N : kProjMaxN;
   const int splits = a.splits > 1 ? a.splits : 1;

@@ -162,6 +162,23 @@ MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt,
   __syncthreads();
 }
 
+// z and r of token t from the projection kernel's per-split outputs (kZIn [S, T, m], kSqIn
+// [S, T], S = Args::splits), summed in split order; else z from kZIn and r from kRIn.
+MHC_DEV float projected_logit(const Args& a, int64_t t, int m, int k) {
+  const float* z = a.in<float>(kZIn);
+  float v = z[t * m + k];
+  if (a.in<float>(kSqIn))
+    for (int p = 1; p < a.splits; ++p) v += z[(p * a.tokens + t) * m + k];
+  return v;
+}
+MHC_DEV float projected_rms(const Args& a, int64_t t, int64_t K) {
+  const float* sq = a.in<float>(kSqIn);
+  if (!sq) return a.in<float>(kRIn)[t];
+  float v = sq[t];
+  for (int p = 1; p < a.splits; ++p) v += sq[p * a.tokens + t];
+  return token_rms(v, K, a.eps_rms);
+}
+
 // r of the block's nt tokens into s.r, from Σx̄² in a fixed order (phase 1 when z came
 // from a GEMM that gave no r). 16-byte loads where n·C and x allow.
 // With stash, the x it reads (16-byte path only) is also kept there, token t at t·K.
@@ -220,10 +237,10 @@ MHC_DEV void coefficients(const Args& a, int n, int slot, const float* z, float 
   }
 }
 
-// The coefficients from given z and r, a token a thread (compile-time n ≤ 8, so that M
-// stays in registers): coefficients()'s operations in its order (a column or row step
-// touches its own column or row, so the steps one after another are the warp's steps side
-// by side; the max is exact in any order), so bitwise its H. In a block that also mixes,
+// The coefficients from given z and r (or the projection's partials), a token a thread
+// (compile-time n ≤ 8, so that M stays in registers): coefficients()'s operations in its order (a
+// column or row step touches its own column or row, so the steps one after another are the warp's
+// steps side by side; the max is exact in any order), so bitwise its H. In a block that also mixes,
 // a token's Sinkhorn (one warp) holds up the other warps: ≈ 6 µs a token at n = 4
 // (notes/PERF.md, session 13); in a launch of their own 16,384 tokens took 0.074 ms as a
 // warp a token (H200, session 14).
@@ -236,8 +253,12 @@ __global__ void __launch_bounds__(kThreads) coeffs_thread_kernel(Args a) {
   if (t >= a.tokens) return;
   float z[m], h_pre[N], h_post[N], M[N * N];
 #pragma unroll
-  for (int k = 0; k < m; ++k) z[k] = a.in<float>(kZIn)[t * m + k];
-  const float r = a.in<float>(kRIn)[t];
+  for (int k = 0; k < m; ++k) z[k] = projected_logit(a, t, m, k);
+  const float r = projected_rms(a, t, int64_t(N) * a.hidden);
+  if (float* zo = a.out<float>(kZOut))
+#pragma unroll
+    for (int k = 0; k < m; ++k) zo[t * m + k] = z[k];
+  if (float* ro = a.out<float>(kROut)) ro[t] = r;
   float max_logit = -__builtin_inff();
 #pragma unroll
   for (int i = 0; i < N; ++i)
@@ -423,13 +444,13 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
   if (DYN && OP == Op::Layer && !PROJECT && a.in<float>(kHResIn)) {  // H from the caller
     load_token_coefficients<NB, TM, SLOTS>(a, n, t0, nt, 0, s);
   } else if constexpr (DYN && OP != Op::Post) {
-    if constexpr (!PROJECT) {  // z (and r, unless null) from a GEMM or the saved forward
-      const float* z_in = a.in<float>(kZIn);
+    if constexpr (!PROJECT) {  // z (and r, unless null) from a projection or the saved forward
       const int m = num_logits(n);
       for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
-        s.z[idx / m][idx % m] = z_in[t0 * m + idx];
-      if (const float* r_in = a.in<float>(kRIn))
-        for (int t = threadIdx.x; t < nt; t += kThreads) s.r[t] = r_in[t0 + t];
+        s.z[idx / m][idx % m] = projected_logit(a, t0 + idx / m, m, idx % m);
+      if (a.p[kRIn] || a.p[kSqIn])
+        for (int t = threadIdx.x; t < nt; t += kThreads)
+          s.r[t] = projected_rms(a, t0 + t, int64_t(n) * C);
       else
         token_norms<T, NB, TM, SLOTS>(a, int64_t(n) * C, t0, nt, s, stash);
       __syncthreads();
@@ -630,7 +651,7 @@ int launch(const Args& a) {
       DYN && OP != Op::Post && a.p[kZIn] == nullptr && !(OP == Op::Layer && a.p[kHResIn]);
   if constexpr (OP == Op::Coeffs) {
     if constexpr (DYN && N > 0 && N <= kThreadCoeffsMaxN) {
-      if (a.p[kZIn] && a.p[kRIn] && !a.p[kZOut] && !a.p[kROut]) {
+      if (a.p[kZIn] && (a.p[kRIn] || a.p[kSqIn])) {
         const dim3 grid{unsigned((a.tokens + kThreads - 1) / kThreads)};
         coeffs_thread_kernel<N><<<grid, kThreads, 0, stream>>>(a);
         return int(last_error());
@@ -670,7 +691,8 @@ int launch(const Args& a) {
       }
       const int64_t smem = int64_t(TM) * token_bytes;
       const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, TM>));
-      if (!h_given && rows16 && !project && !a.p[kRIn] && smem + fixed <= kStashSmemBytes)
+      if (!h_given && rows16 && !project && !a.p[kRIn] && !a.p[kSqIn] &&
+          smem + fixed <= kStashSmemBytes)
         return launch_with_smem(token_kernel<T, N, HIDDEN, TM, OP, DYN, VEC, false, true>, grid,
                                 size_t(smem), stream, a);
     }
