@@ -72,7 +72,7 @@ _PROJECTION_KERNEL_MIN_TOKENS = 4096
 
 def _projection_kernel(x, phi) -> bool:
     """Whether z and r come from mhc_gen's projection kernel (CUDA, bf16, n ≤ 8, n·C a
-    multiple of its 64-wide k step, x and φ 16-byte aligned, enough tokens)."""
+    multiple of its 64-wide k step, x 16-byte aligned, enough tokens)."""
     t, n, c = _dims(x)
     return (
         x.is_cuda
@@ -81,7 +81,6 @@ def _projection_kernel(x, phi) -> bool:
         and n <= PROJ_MAX_N
         and (n * c) % 64 == 0
         and x.data_ptr() % 16 == 0
-        and phi.data_ptr() % 16 == 0
         and t >= _PROJECTION_KERNEL_MIN_TOKENS
     )
 
@@ -100,11 +99,13 @@ def projection_partials(x, phi) -> dict:
     Σx̄² [S, T] as the launch arguments of a coefficient kernel, which sums them in split
     order (z_in, sq_in, splits)."""
     t, n, c = _dims(x)
+    m = reference.num_logits(n)
     splits = _projection_splits(t, n, n * c, x.device)
-    z = empty((splits, t, reference.num_logits(n)), torch.float32, x.device)
+    z = empty((splits, t, m), torch.float32, x.device)
     sq = empty((splits, t), torch.float32, x.device)
+    padded = phi if m % 8 == 0 else torch.nn.functional.pad(phi, (0, -m % 8))  # mp columns
     launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, splits=splits, x=x,
-           phi=phi, z_out=z, r_out=sq)  # fmt: skip
+           phi_split=_split_bf16_cat(padded, "hl", 1), z_out=z, r_out=sq)  # fmt: skip
     return dict(z_in=z, sq_in=sq, splits=splits)
 
 

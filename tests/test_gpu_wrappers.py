@@ -171,7 +171,12 @@ def test_projection_kernel_gives_z_and_r_to_the_kernels_after_it(monkeypatch):
     v, m = _inputs(), R.num_logits(N)
     u, hp, hq, hr, z, r = gpu.pre_dynamic(v["x"], v["phi"], v["alpha"], v["b"], 20, 1e-6, 1e-6, 2)
     (op1, proj), (op2, pre) = seen
-    assert op1 is Op.PROJ_DYN and proj["splits"] == 1 and proj["phi"] is v["phi"]
+    assert op1 is Op.PROJ_DYN and proj["splits"] == 1
+    mp = -(-m // 8) * 8  # m = 15: φ padded to 16 columns, then split side by side
+    split = proj["phi_split"]
+    assert split.shape == (N * C, 2 * mp) and split.dtype == torch.bfloat16
+    assert not split[:, m:mp].any() and not split[:, mp + m :].any()
+    assert torch.equal(split[:, :m], v["phi"].bfloat16())
     assert proj["z_out"].shape == (1, T, m) and proj["r_out"].shape == (1, T)
     assert z.data_ptr() == proj["z_out"].data_ptr()  # one split: split 0 is z
     assert op2 is Op.PRE_DYN and pre["z_in"] is proj["z_out"] and pre["sq_in"] is proj["r_out"]

@@ -121,7 +121,7 @@ def test_layer_given_h_is_bitwise_the_layer_computing_it(n, c, t):
         pytest.skip("no GPU")
     x, phi, alpha, b, w = (v.cuda() for v in _inputs(t, n, c, n + c + t))
     with mock.patch.object(gpu, "_PROJECTION_KERNEL_MIN_TOKENS", 0):
-        *_, z, r = mhc_gen.dynamic_coefficients(x, phi, alpha, b)
+        *_, z, r = gpu.dynamic_coefficients(x, phi, alpha, b, 20, 1e-6, 1e-6, 2.0)
     kw = dict(n=n, hidden=c, tokens=t, x=x, norm_weight=w)
     outs = []
     with poisoned_outputs():

@@ -19,6 +19,8 @@ enum Ptr : int {
   kX,           // [T, n, C] x, in the variant's dtype
   kY,           // [T, C] sublayer output, same dtype
   kPhi,         // [n·C, m] fp32 projection (dynamic H)
+  kPhiSplit,    // [n·C, 2·mp] bf16: φ split into hi and lo side by side, mp = m rounded up
+                //   to 8 with zero columns (the tensor-core projection)
   kAlpha,       // [3] fp32: pre, post, res scales (dynamic H)
   kBias,        // [m] fp32: b, or the static logits
   kNormWeight,  // [C] fp32: the seed layer's RMSNorm weight

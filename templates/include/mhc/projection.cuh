@@ -3,14 +3,15 @@
 // Sinkhorn (which needs r) sat between that read and the token's mixing. With r here, the
 // coefficients run in a launch of their own and the mixing kernels read x once.
 //
-// x (kX) is [T, K = n·C] bf16, exact as an mma operand; φ (kPhi, [K, m] fp32) is split as
-// it arrives into bf16 hi + lo (rounded to nearest, lo the rounding error rounded), so that
-// z ≈ x̄·φ_hi + x̄·φ_lo with fp32 accumulation: the cuBLAS path's precision, without a pass
-// that splits φ first. A chunk of 64 k is 64 consecutive rows of φ, one contiguous run.
-// x and φ stream through shared memory by cp.async, kProjStages deep. Σx̄² comes from the A
-// fragments the mma's read: each lane sums its columns, then a quad sums in a fixed order.
-// Outputs are per split of K (see projection_kernel), summed in split order by the
-// coefficient kernels that take them (kSqIn): z and r are bitwise reproducible.
+// x (kX) is [T, K = n·C] bf16, exact as an mma operand; φ comes split into bf16 hi and lo
+// side by side (kPhiSplit: [K, 2·mp], row k = hi of φ[k][0..mp) then lo, mp = m rounded up
+// to 8 with zero columns: the one-pass split of split.cuh, as the cuBLAS path takes it), so
+// that z ≈ x̄·φ_hi + x̄·φ_lo with fp32 accumulation: the cuBLAS path's precision. A chunk of
+// 64 k is 64 consecutive rows of it, one contiguous run, read as the mma's B operand by
+// transposing ldmatrix. x and φ stream through shared memory by cp.async, kProjStages deep.
+// Σx̄² comes from the A fragments the mma's read: each lane sums its columns, then a quad
+// sums in a fixed order. Outputs are per split of K (see projection_kernel), summed in split
+// order by the coefficient kernels that take them (kSqIn): z and r are bitwise reproducible.
 #pragma once
 
 #include "args.h"
@@ -41,26 +42,39 @@ template <int NB>
 MHC_CX int proj_tokens() {
   return kProjWarps * 16 * proj_mtiles<NB>();
 }
-// Stages in flight: 4 at n ≤ 4 (105 KB: 2 blocks an SM), else 3 (194 KB at n = 8).
+// Stages in flight: 4 at n ≤ 4 (100 KB: 2 blocks an SM), else 3 (175 KB at n = 8).
 template <int NB>
 MHC_CX int proj_stages() {
   return NB <= 4 ? 4 : 3;
 }
 
+// A row of φ's split in shared memory: 2·mp bf16 and 16 bytes, so that ldmatrix's eight
+// rows (16 bytes each) fall in distinct banks.
+template <int NB>
+MHC_CX int proj_phi_ld() {
+  return 2 * proj_cols(NB) + 8;
+}
+
 template <int NB>
 struct ProjShared {
   bf16 x[proj_stages<NB>()][proj_tokens<NB>()][kProjLd];
-  float phi32[proj_stages<NB>()][kProjK * (NB * NB + 2 * NB)];  // φ's rows as stored
-  bf16 phi[2 * proj_cols(NB)][kProjLd];  // the chunk's φ_hi then φ_lo, [logit][k]
+  bf16 phi[proj_stages<NB>()][kProjK][proj_phi_ld<NB>()];  // rows as stored: [k][hi | lo]
 };
 
 // Four 8×8 bf16 matrices from shared memory, lane l giving row l % 8 of matrix l / 8: each
-// lane gets its (row l / 4, columns 2·(l % 4) + {0, 1}) pair of every matrix.
+// lane gets its (row l / 4, columns 2·(l % 4) + {0, 1}) pair of every matrix; TRANS: its
+// (rows 2·(l % 4) + {0, 1}, column l / 4) pair.
+template <bool TRANS = false>
 MHC_DEV void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
 }
 
 // Σ of the squares of a bf16 pair.
@@ -102,14 +116,14 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   const int first = int(blockIdx.y) * per_split;
   const int chunks = (total - first < per_split ? total - first : per_split);
   const bf16* x = a.in<bf16>(kX);
-  const float* phi = a.in<float>(kPhi);
+  const bf16* phi = a.in<bf16>(kPhiSplit);
 
   // One stage: the block's BM rows of x (rows past T read the last token; never stored),
   // kProjK columns each, and φ's kProjK rows, in 16-byte pieces: a thread's x pieces are
   // the same columns of fixed rows in every stage, so their addresses are set once.
   constexpr int kPieces = kProjK / 8, kRowsAPass = kProjThreads / kPieces;
   constexpr int kXPasses = BM / kRowsAPass;
-  constexpr int kPhiPasses = (kProjK * (NB * NB + 2 * NB) / 4 + kProjThreads - 1) / kProjThreads;
+  constexpr int kPhiPasses = (kProjK * proj_cols(NB) / 4 + kProjThreads - 1) / kProjThreads;
   const int piece = threadIdx.x % kPieces, row0 = threadIdx.x / kPieces;
   const bf16* xsrc[kXPasses];
 #pragma unroll
@@ -117,8 +131,9 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
     const int64_t tok = t0 + row0 + i * kRowsAPass;
     xsrc[i] = x + (tok < a.tokens ? tok : a.tokens - 1) * K + int64_t(first) * kProjK + piece * 8;
   }
-  const float* psrc = phi + int64_t(first) * kProjK * m;
-  const int phi_pieces = kProjK * m / 4;  // m·64 floats: m·16 pieces
+  const bf16* psrc = phi + int64_t(first) * kProjK * 2 * mp;
+  const int row_pieces = mp / 4;               // 2·mp bf16 a row: mp / 4 pieces
+  const int phi_pieces = kProjK * row_pieces;  // a chunk's rows, one contiguous run
   auto load_stage = [&](int stage, int chunk) {
     const int64_t k0 = int64_t(chunk) * kProjK;
 #pragma unroll
@@ -127,7 +142,9 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
 #pragma unroll
     for (int i = 0; i < kPhiPasses; ++i) {
       const int e = threadIdx.x + i * kProjThreads;
-      if (e < phi_pieces) async_copy16(&s.phi32[stage][4 * e], psrc + k0 * m + 4 * e);
+      if (e < phi_pieces)
+        async_copy16(&s.phi[stage][e / row_pieces][(e % row_pieces) * 8],
+                     psrc + k0 * 2 * mp + int64_t(e) * 8);
     }
   };
 
@@ -135,7 +152,7 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   // ldmatrix rows: A's four matrices are (rows +0/+8) × (k +0/+8); B's are φ_hi's k +0/+8,
   // then φ_lo's.
   const int a_row = (lane % 8) + ((lane / 8) % 2) * 8, a_col = (lane / 16) * 8;
-  const int b_row = (lane % 8) + (lane / 16) * mp, b_col = ((lane / 8) % 2) * 8;
+  const int b_row = (lane % 8) + ((lane / 8) % 2) * 8, b_col = (lane / 16) * mp;
   float acc[MT][kTiles][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -157,16 +174,6 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
     if (next < chunks) load_stage(next % S, next);
     async_commit();  // an empty group past the end keeps the count
     const int st = chunk % S;
-    // The chunk's φ split into bf16 hi and lo, transposed to [logit][k] for ldmatrix; logits
-    // m..mp - 1 zero. Lanes walk logits, so that the fp32 reads are consecutive.
-    for (int e = threadIdx.x; e < kProjK * mp; e += kProjThreads) {
-      const int k = e / mp, q = e % mp;
-      const float v = q < m ? s.phi32[st][k * m + q] : 0.0f;
-      const bf16 hi = from_float<bf16>(v);
-      s.phi[q][k] = hi;
-      s.phi[mp + q][k] = from_float<bf16>(v - to_float(hi));
-    }
-    __syncthreads();  // the split tile is whole
     // A chunk's products summed apart, then added: z's fp32 error grows with K / 64 + 64
     // terms instead of K (n·C = 28,672 at n = 4, C = 7168).
     float part[MT][kTiles][4];
@@ -189,7 +196,7 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
       for (int j = 0; j < kTiles; ++j) {
         if (j < tiles) {   // decided at compile time where N is
           uint32_t bf[4];  // φ_hi's two k halves, then φ_lo's
-          ldmatrix_x4(bf, &s.phi[j * 8 + b_row][kk + b_col]);
+          ldmatrix_x4<true>(bf, &s.phi[st][kk + b_row][j * 8 + b_col]);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             proj_mma(part[mt][j], af[mt], bf);
@@ -241,9 +248,10 @@ int launch_projection(const Args& a) {
   static_assert(sizeof(T) == 2 && HIDDEN == 0 && DYN, "bf16 x, run-time hidden");
 #if defined(MHC_CUDA)
   if (a.n < 1 || a.n > kProjMaxN || (N && a.n != N)) return kBadN;
-  if (!a.p[kX] || !a.p[kPhi] || !a.p[kZOut] || !a.p[kROut]) return kMissingInput;
+  if (!a.p[kX] || !a.p[kPhiSplit] || !a.p[kZOut] || !a.p[kROut]) return kMissingInput;
   const int64_t K = int64_t(a.n) * a.hidden;
-  if (K % kProjK != 0 || !aligned_to(a.p[kX], 16) || !aligned_to(a.p[kPhi], 16)) return kBadHidden;
+  if (K % kProjK != 0 || !aligned_to(a.p[kX], 16) || !aligned_to(a.p[kPhiSplit], 16))
+    return kBadHidden;
   if (a.tokens == 0) return kOk;
   constexpr int NB = N ? N : kProjMaxN;
   const int splits = a.splits > 1 ? a.splits : 1;
