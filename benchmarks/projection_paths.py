@@ -36,8 +36,14 @@ OFF = 1 << 62
 # Each mode: values of mhc_gen.gpu's switches.
 MODES = {
     "before": dict(_PROJECTION_KERNEL_MIN_TOKENS=OFF, _LAYER_BWD_H_ONCE_MIN_TOKENS=OFF),
-    "projection": dict(_PROJECTION_KERNEL_MIN_TOKENS=0, _LAYER_BWD_H_ONCE_MIN_TOKENS=OFF),
-    "+bwd H once": dict(_PROJECTION_KERNEL_MIN_TOKENS=0, _LAYER_BWD_H_ONCE_MIN_TOKENS=0),
+    "projection": dict(
+        _PROJECTION_KERNEL_MIN_TOKENS=0,
+        _PROJECTION_KERNEL_MAX_N=8,
+        _LAYER_BWD_H_ONCE_MIN_TOKENS=OFF,
+    ),
+    "+bwd H once": dict(
+        _PROJECTION_KERNEL_MIN_TOKENS=0, _PROJECTION_KERNEL_MAX_N=8, _LAYER_BWD_H_ONCE_MIN_TOKENS=0
+    ),
 }
 
 

@@ -66,19 +66,24 @@ def projection(x, phi):
 # (mhc/projection.cuh: one pass over x, the cuBLAS path's precision): with r known before
 # the mixing kernels, the coefficients run in a launch of their own and those kernels read
 # x once, instead of reading it for r and running each token's Sinkhorn between that read
-# and the mixing. Its blocks of 128 or 256 tokens need many tokens to fill a GPU.
+# and the mixing. Its blocks of 128 or 256 tokens need many tokens to fill a GPU. Up to
+# n = _PROJECTION_KERNEL_MAX_N: at n = 8 (256-token blocks, 255 registers, one block an
+# SM) it measured slower than cuBLAS's z and the fused kernels (H200, session 14: the
+# layer's forward 0.882 → 0.993 ms graph at T = 8192, C = 4096; at n = 4 0.621 → 0.556).
 _PROJECTION_KERNEL_MIN_TOKENS = 4096
+_PROJECTION_KERNEL_MAX_N = 4
 
 
 def _projection_kernel(x, phi) -> bool:
-    """Whether z and r come from mhc_gen's projection kernel (CUDA, bf16, n ≤ 8, n·C a
-    multiple of its 64-wide k step, x 16-byte aligned, enough tokens)."""
+    """Whether z and r come from mhc_gen's projection kernel (CUDA, bf16, n ≤
+    _PROJECTION_KERNEL_MAX_N (the kernel serves n ≤ 8), n·C a multiple of its 64-wide k
+    step, x 16-byte aligned, enough tokens)."""
     t, n, c = _dims(x)
     return (
         x.is_cuda
         and torch.version.hip is None
         and x.dtype == torch.bfloat16
-        and n <= PROJ_MAX_N
+        and n <= min(_PROJECTION_KERNEL_MAX_N, PROJ_MAX_N)
         and (n * c) % 64 == 0
         and x.data_ptr() % 16 == 0
         and t >= _PROJECTION_KERNEL_MIN_TOKENS

@@ -101,7 +101,7 @@ def test_ops_through_the_projection(n, c, t):
     d = [v.double() for v in (x, w, phi, alpha, b)]
     h_ref = reference.dynamic_coefficients(d[0], *d[2:])
     xg, wg, pg, ag, bg = (v.cuda() for v in (x, w, phi, alpha, b))
-    with mock.patch.object(gpu, "_PROJECTION_KERNEL_MIN_TOKENS", 0):
+    with mock.patch.multiple(gpu, _PROJECTION_KERNEL_MIN_TOKENS=0, _PROJECTION_KERNEL_MAX_N=8):
         assert gpu._projection_kernel(xg, pg)
         pre = _twice(lambda: mhc_gen.pre_dynamic(xg, pg, ag, bg))
         coeffs = _twice(lambda: mhc_gen.dynamic_coefficients(xg, pg, ag, bg))
@@ -120,7 +120,7 @@ def test_layer_given_h_is_bitwise_the_layer_computing_it(n, c, t):
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
     x, phi, alpha, b, w = (v.cuda() for v in _inputs(t, n, c, n + c + t))
-    with mock.patch.object(gpu, "_PROJECTION_KERNEL_MIN_TOKENS", 0):
+    with mock.patch.multiple(gpu, _PROJECTION_KERNEL_MIN_TOKENS=0, _PROJECTION_KERNEL_MAX_N=8):
         *_, z, r = gpu.dynamic_coefficients(x, phi, alpha, b, 20, 1e-6, 1e-6, 2.0)
     kw = dict(n=n, hidden=c, tokens=t, x=x, norm_weight=w)
     outs = []
@@ -165,7 +165,7 @@ def test_layer_gradients_through_the_projection(n, c, t):
     reference.layer_dynamic(*ref).backward(g.double())
     leaves = [v.cuda().requires_grad_(True) for v in (x.float(), w, phi, alpha, b)]
     with (
-        mock.patch.object(gpu, "_PROJECTION_KERNEL_MIN_TOKENS", 0),
+        mock.patch.multiple(gpu, _PROJECTION_KERNEL_MIN_TOKENS=0, _PROJECTION_KERNEL_MAX_N=8),
         mock.patch.object(gpu, "_LAYER_BWD_H_ONCE_MIN_TOKENS", 0),
     ):
         out = mhc_gen.layer_dynamic(leaves[0].bfloat16(), *leaves[1:])
