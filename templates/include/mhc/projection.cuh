@@ -83,6 +83,16 @@ MHC_DEV float sq_pair(uint32_t v) {
   return lo * lo + hi * hi;
 }
 
+template <int A, int B>
+MHC_DEV void zero_tiles(float (&v)[A][B][4]) {
+#pragma unroll
+  for (int a = 0; a < A; ++a)
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[a][b][e] = 0.0f;
+}
+
 // d += a·b for one m16n8k16 tile (row-major a, column-major b, fp32 d).
 MHC_DEV void proj_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t* b) {
   asm volatile(
@@ -151,15 +161,10 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   // ldmatrix rows: A's four matrices are (rows +0/+8) × (k +0/+8); B's are φ_hi's k +0/+8,
   // then φ_lo's.
-  const int a_row = (lane % 8) + ((lane / 8) % 2) * 8, a_col = (lane / 16) * 8;
-  const int b_row = (lane % 8) + ((lane / 8) % 2) * 8, b_col = (lane / 16) * mp;
+  const int frag_row = (lane % 8) + ((lane / 8) % 2) * 8;  // A's row, B's k
+  const int a_col = (lane / 16) * 8, b_col = (lane / 16) * mp;
   float acc[MT][kTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int j = 0; j < kTiles; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.0f;
+  zero_tiles(acc);
   float sq[MT][2] = {};
 
 #pragma unroll
@@ -177,18 +182,13 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
     // A chunk's products summed apart, then added: z's fp32 error grows with K / 64 + 64
     // terms instead of K (n·C = 28,672 at n = 4, C = 7168).
     float part[MT][kTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int j = 0; j < kTiles; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[mt][j][e] = 0.0f;
+    zero_tiles(part);
 #pragma unroll
     for (int kk = 0; kk < kProjK; kk += 16) {
       uint32_t af[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        ldmatrix_x4(af[mt], &s.x[st][(warp * MT + mt) * 16 + a_row][kk + a_col]);
+        ldmatrix_x4(af[mt], &s.x[st][(warp * MT + mt) * 16 + frag_row][kk + a_col]);
         sq[mt][0] += sq_pair(af[mt][0]) + sq_pair(af[mt][2]);
         sq[mt][1] += sq_pair(af[mt][1]) + sq_pair(af[mt][3]);
       }
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
       for (int j = 0; j < kTiles; ++j) {
         if (j < tiles) {   // decided at compile time where N is
           uint32_t bf[4];  // φ_hi's two k halves, then φ_lo's
-          ldmatrix_x4<true>(bf, &s.phi[st][kk + b_row][j * 8 + b_col]);
+          ldmatrix_x4<true>(bf, &s.phi[st][kk + frag_row][j * 8 + b_col]);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             proj_mma(part[mt][j], af[mt], bf);
