@@ -2,13 +2,19 @@
 scripts/sanitize.sh runs under compute-sanitizer's memcheck, racecheck, initcheck
 and synccheck. Covers compile-time n (4, 32) and run-time n (3), the 16-byte and
 the scalar path (C = 1280, 77), bf16 (the projection as a cuBLAS GEMM, r in the fused
-kernel; for n = 32 the pre backward's ∂z·φᵀ as a GEMM too), fp16 and fp32."""
+kernel; for n = 32 the pre backward's ∂z·φᵀ as a GEMM too; at n = 4 and 2, C = 1280 and
+64, also the tensor-core projection with its coefficients launch, the layer given H and the
+layer backward given H, which the library takes from 4096 tokens), fp16 and fp32."""
 
 from __future__ import annotations
+
+import contextlib
+from unittest import mock
 
 import torch
 
 import mhc_gen
+from mhc_gen import gpu
 from mhc_gen import reference as R
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke test of the script
@@ -31,9 +37,16 @@ def families(x, w, phi, alpha, b, y):
     loss.backward()
 
 
+# The paths the library takes from many tokens, taken here at 5: the projection kernel (z
+# and Σx̄² in one pass) and H from one coefficients launch in the layer's backward.
+MANY_TOKENS_PATHS = dict(_PROJECTION_KERNEL_MIN_TOKENS=0, _LAYER_BWD_H_ONCE_MIN_TOKENS=0)
+
+
 def main():
+    cases = [((4, 1280), {}), ((4, 77), {}), ((3, 64), {}), ((32, 40), {})]
+    cases += [((4, 1280), MANY_TOKENS_PATHS), ((2, 64), MANY_TOKENS_PATHS)]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for n, c in ((4, 1280), (4, 77), (3, 64), (32, 40)):
+        for (n, c), paths in cases:
             g = torch.Generator().manual_seed(n * c)
             m = R.num_logits(n)
             leaf = dict(
@@ -45,10 +58,11 @@ def main():
                 y=torch.randn(5, c, generator=g).to(dtype),
             )
             args = {k: v.to(DEVICE).requires_grad_() for k, v in leaf.items()}
-            families(**args)
+            with mock.patch.multiple(gpu, **paths) if paths else contextlib.nullcontext():
+                families(**args)
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
-            print(f"ok {dtype} n={n} C={c}", flush=True)
+            print(f"ok {dtype} n={n} C={c}{' (many-token paths)' if paths else ''}", flush=True)
 
 
 if __name__ == "__main__":
