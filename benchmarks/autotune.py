@@ -25,8 +25,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import mhc_gen  # noqa: E402
 from benchmarks.bench import time_cold  # noqa: E402
 from generator.spec import Op, parse  # noqa: E402
+from mhc_gen import (
+    gpu,  # noqa: E402
+    tuning,  # noqa: E402
+)
 from mhc_gen import reference as R  # noqa: E402
-from mhc_gen import tuning  # noqa: E402
 from mhc_gen._launch import TORCH_DTYPES, target_arch  # noqa: E402
 
 
@@ -65,6 +68,7 @@ def op_call(spec, tokens: int):
         Op.POST_STATIC: lambda: mhc_gen.post_static(x, y, b),
         Op.LAYER_DYN: lambda: mhc_gen.layer_dynamic(x, w, phi, alpha, b),
         Op.LAYER_STATIC: lambda: mhc_gen.layer_static(x, w, b),
+        Op.PROJ_DYN: lambda: gpu.projection_partials(x, phi),
     }
     return calls.get(spec.op)
 

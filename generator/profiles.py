@@ -36,7 +36,9 @@ def default_tile(
     n allows (on CUDA at n ≤ 8 its tensor-core form always takes 16, the mma's m16). The
     dynamic fused layer keeps its tokens of x in shared memory where they fit (a run-time n
     counts as 32, a run-time hidden as 4096): 4 tokens, else 2, else 4 unstashed."""
-    if op in (Op.COEFFS_STATIC, Op.COEFFS_BWD_STATIC, Op.PHI_GRAD_DYN, Op.SPLIT_DYN, Op.PROJ_DYN):
+    if op is Op.PROJ_DYN:  # m16 tiles of tokens a warp: two where φ's tile is large
+        return 1 if n is not None and n <= 4 else 2
+    if op in (Op.COEFFS_STATIC, Op.COEFFS_BWD_STATIC, Op.PHI_GRAD_DYN, Op.SPLIT_DYN):
         return 1
     if op in (Op.POST_BWD_DYN, Op.POST_BWD_STATIC, Op.PRE_BWD_STATIC, Op.LAYER_BWD_STATIC):
         return 1
@@ -76,6 +78,8 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
                 spec = _spec(op, n, None, dtype, arch)
                 if is_supported(spec):  # e.g. the tensor-core projection: bf16 on CUDA only
                     specs.add(spec)
+        if profile in ("tune", "full") and op is Op.PROJ_DYN:  # its tile at the hot n
+            specs.update(_alternative_tiles(op, HOT_N, None, DType.BF16, arch))
         if profile != "minimal" and op.specialises_hidden:
             for dtype in hot_dtypes:
                 for hidden in HOT_HIDDEN:

@@ -217,7 +217,7 @@ def is_supported(spec: KernelSpec) -> bool:
         return (
             spec.arch.backend == "cuda"
             and spec.dtype is DType.BF16
-            and spec.tile == 1
+            and spec.tile in (1, 2)  # m16 tiles of tokens a warp
             and (spec.n is None or spec.n <= PROJ_MAX_N)
         )
     if spec.op is Op.PRE_BWD_DYN:

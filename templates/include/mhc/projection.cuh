@@ -32,20 +32,19 @@ constexpr int kProjThreads = kProjWarps * 32;
 constexpr int kProjK = 64;           // k a stage
 constexpr int kProjLd = kProjK + 8;  // a 144-byte row: ldmatrix's eight rows hit 32 banks
 
-// m16 tiles of tokens a warp: two where φ's tile is large (n > 4), so that each φ fragment
-// serves 32 tokens and a block's 256 tokens halve φ's L2 traffic (n = 8: 10.5 MB a block).
-template <int NB>
-MHC_CX int proj_mtiles() {
-  return NB <= 4 ? 1 : 2;
-}
-template <int NB>
+// MT (the variant's tile): m16 tiles of tokens a warp, so a block of 8 warps takes 128·MT
+// tokens. Two halve φ's L2 traffic (each φ fragment serves 32 tokens; n = 8: 10.5 MB of φ
+// a block) at the price of registers and one block an SM: the default at n > 4 (see
+// generator/profiles.py), an alternative at n = 4 for the autotuner.
+template <int MT>
 MHC_CX int proj_tokens() {
-  return kProjWarps * 16 * proj_mtiles<NB>();
+  return kProjWarps * 16 * MT;
 }
-// Stages in flight: 4 at n ≤ 4 (100 KB: 2 blocks an SM), else 3 (175 KB at n = 8).
-template <int NB>
+// Stages in flight: 4 at n ≤ 4 with one m16 tile a warp (100 KB: 2 blocks an SM), else 3
+// (n = 4, two tiles: 132 KB; n = 8: 120 KB and 175 KB).
+template <int NB, int MT>
 MHC_CX int proj_stages() {
-  return NB <= 4 ? 4 : 3;
+  return NB <= 4 && MT == 1 ? 4 : 3;
 }
 
 // A row of φ's split in shared memory: 2·mp bf16 and 16 bytes, so that ldmatrix's eight
@@ -55,10 +54,10 @@ MHC_CX int proj_phi_ld() {
   return 2 * proj_cols(NB) + 8;
 }
 
-template <int NB>
+template <int NB, int MT>
 struct ProjShared {
-  bf16 x[proj_stages<NB>()][proj_tokens<NB>()][kProjLd];
-  bf16 phi[proj_stages<NB>()][kProjK][proj_phi_ld<NB>()];  // rows as stored: [k][hi | lo]
+  bf16 x[proj_stages<NB, MT>()][proj_tokens<MT>()][kProjLd];
+  bf16 phi[proj_stages<NB, MT>()][kProjK][proj_phi_ld<NB>()];  // rows as stored: [k][hi | lo]
 };
 
 // Four 8×8 bf16 matrices from shared memory, lane l giving row l % 8 of matrix l / 8: each
@@ -105,15 +104,14 @@ MHC_DEV void proj_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t* b) 
 // Block (bx, by): tokens [bx·BM, +BM) over the k chunks of split by (Args::splits splits of
 // K, each a run of whole 64-wide chunks): the split's partial z and Σx̄² to [by] of kZOut
 // [splits, T, m] and kROut [splits, T].
-template <int N>
+template <int N, int MT>
 __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   constexpr int NB = N ? N : kProjMaxN;
-  constexpr int S = proj_stages<NB>();
-  constexpr int MT = proj_mtiles<NB>();
-  constexpr int BM = proj_tokens<NB>();
+  constexpr int S = proj_stages<NB, MT>();
+  constexpr int BM = proj_tokens<MT>();
   constexpr int kTiles = proj_cols(NB) / 8;  // n8 tiles, the bound
   extern __shared__ float4 proj_smem[];
-  auto& s = *reinterpret_cast<ProjShared<NB>*>(proj_smem);
+  auto& s = *reinterpret_cast<ProjShared<NB, MT>*>(proj_smem);
   const int n = N ? N : a.n;
   const int m = n * n + 2 * n;
   const int mp = proj_cols(n);
@@ -257,10 +255,11 @@ int launch_projection(const Args& a) {
   const int splits = a.splits > 1 ? a.splits : 1;
   const int64_t chunks = K / kProjK;
   if ((chunks + splits - 1) / splits * (splits - 1) >= chunks) return kBadHidden;  // empty split
-  const dim3 grid{unsigned((a.tokens + proj_tokens<NB>() - 1) / proj_tokens<NB>()),
+  static_assert(TM == 1 || TM == 2, "the tile is m16 tiles a warp");
+  const dim3 grid{unsigned((a.tokens + proj_tokens<TM>() - 1) / proj_tokens<TM>()),
                   unsigned(splits)};
-  auto* kernel = projection_kernel<N>;
-  const size_t smem = sizeof(ProjShared<NB>);
+  auto* kernel = projection_kernel<N, TM>;
+  const size_t smem = sizeof(ProjShared<NB, TM>);
   const error_t err = set_dynamic_smem(kernel, smem);
   if (err != kSuccess) return int(err);
   kernel<<<grid, kProjThreads, smem, static_cast<stream_t>(a.stream)>>>(a);

@@ -244,12 +244,16 @@ MHC_DEV void coefficients(const Args& a, int n, int slot, const float* z, float 
 // a token's Sinkhorn (one warp) holds up the other warps: ≈ 6 µs a token at n = 4
 // (notes/PERF.md, session 13); in a launch of their own 16,384 tokens took 0.074 ms as a
 // warp a token (H200, session 14).
+// Blocks of one warp: 16,384 tokens are 512 blocks, over every SM (256-thread blocks made
+// them 64, fewer than an H200's 132 SMs; 0.043 ms in session 14, the warp blocks not yet
+// measured).
 constexpr int kThreadCoeffsMaxN = 8;
+constexpr int kThreadCoeffsBlock = 32;
 
 template <int N>
-__global__ void __launch_bounds__(kThreads) coeffs_thread_kernel(Args a) {
+__global__ void __launch_bounds__(kThreadCoeffsBlock) coeffs_thread_kernel(Args a) {
   constexpr int m = num_logits(N);
-  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t t = int64_t(blockIdx.x) * kThreadCoeffsBlock + threadIdx.x;
   if (t >= a.tokens) return;
   float z[m], h_pre[N], h_post[N], M[N * N];
 #pragma unroll
@@ -652,8 +656,8 @@ int launch(const Args& a) {
   if constexpr (OP == Op::Coeffs) {
     if constexpr (DYN && N > 0 && N <= kThreadCoeffsMaxN) {
       if (a.p[kZIn] && (a.p[kRIn] || a.p[kSqIn])) {
-        const dim3 grid{unsigned((a.tokens + kThreads - 1) / kThreads)};
-        coeffs_thread_kernel<N><<<grid, kThreads, 0, stream>>>(a);
+        const dim3 grid{unsigned((a.tokens + kThreadCoeffsBlock - 1) / kThreadCoeffsBlock)};
+        coeffs_thread_kernel<N><<<grid, kThreadCoeffsBlock, 0, stream>>>(a);
         return int(last_error());
       }
     }
