@@ -10,6 +10,8 @@
 #   profile   benchmarks/profile_ops.py (PROFILE_ARGS): per-kernel time of a dynamic step
 #   profile1  the same with one Sinkhorn iteration (what the 20 iterations cost)
 #   profilec  the same with the projection on CUDA cores (the ROCm path) instead of cuBLAS
+#   paths     benchmarks/projection_paths.py: session 13's dynamic path against the projection
+#             kernel's, alternating in one process
 #   ncu       Nsight Compute on the kernels matching NCU_KERNELS in that step
 #   tests     the GPU tests (PYTEST_ARGS, default tests/gpu)
 #   tune      benchmarks/autotune.py (build with MHC_PROFILE=tune): the tuning table, which
@@ -52,6 +54,7 @@ for s in "$@"; do
   profile) stage profile 60 python3 benchmarks/profile_ops.py ${PROFILE_ARGS:-} ;;
   profile1) stage profile1 60 python3 benchmarks/profile_ops.py --iters 1 ${PROFILE_ARGS:-} ;;
   profilec) stage profilec 60 python3 benchmarks/profile_ops.py --projection cores ${PROFILE_ARGS:-} ;;
+  paths) TAIL_LINES=${TAIL_LINES:-20} stage paths 120 python3 benchmarks/projection_paths.py --rounds 1 ;;
   ncu)
     # One launch of each kernel matching NCU_KERNELS: bandwidth, occupancy, stall reasons.
     stage ncu 150 ncu --kernel-name "regex:${NCU_KERNELS:-pre_bwd|projection|token_kernel}" \
