@@ -65,6 +65,15 @@ inline error_t set_dynamic_smem(K* kernel, size_t bytes) {
 }
 MHC_DEV float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 MHC_DEV void sync_warp() { __syncwarp(); }
+// d += a·b for one m16n8k16 tile of bf16 operands (row-major a, column-major b, fp32 d;
+// sm_80+: the tensor-core kernels, CUDA only).
+MHC_DEV void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define MHC_ASYNC_COPY 1
 // 16 bytes from global to shared memory without registers; visible to the block after

@@ -92,15 +92,6 @@ MHC_DEV void zero_tiles(float (&v)[A][B][4]) {
       for (int e = 0; e < 4; ++e) v[a][b][e] = 0.0f;
 }
 
-// d += a·b for one m16n8k16 tile (row-major a, column-major b, fp32 d).
-MHC_DEV void proj_mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t* b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // Block (bx, by): tokens [bx·BM, +BM) over the k chunks of split by (Args::splits splits of
 // K, each a run of whole 64-wide chunks): the split's partial z and Σx̄² to [by] of kZOut
 // [splits, T, m] and kROut [splits, T].
@@ -195,10 +186,11 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
         if (j < tiles) {   // decided at compile time where N is
           uint32_t bf[4];  // φ_hi's two k halves, then φ_lo's
           ldmatrix_x4<true>(bf, &s.phi[st][kk + frag_row][j * 8 + b_col]);
+          const uint32_t hi[2] = {bf[0], bf[1]}, lo[2] = {bf[2], bf[3]};
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            proj_mma(part[mt][j], af[mt], bf);
-            proj_mma(part[mt][j], af[mt], bf + 2);
+            mma_bf16(part[mt][j], af[mt], hi);
+            mma_bf16(part[mt][j], af[mt], lo);
           }
         }
       }

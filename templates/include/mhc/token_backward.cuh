@@ -552,15 +552,6 @@ MHC_DEV void split_pair(float u, float v, uint32_t& hi, uint32_t& lo) {
   __builtin_memcpy(&lo, &l, 4);
 }
 
-// d += a·b for one m16n8k16 tile (row-major a, column-major b, fp32 d).
-MHC_DEV void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // pre's ∂x kernel runs on tensor cores for n ≤ 8, where its operand fragments (m/16
 // k-steps of ∂z) stay in registers; larger n take the GEMM path on CUDA.
 constexpr int kMmaMaxN = 8;
