@@ -8,7 +8,7 @@
 // to 8 with zero columns: the one-pass split of split.cuh, as the cuBLAS path takes it), so
 // that z ≈ x̄·φ_hi + x̄·φ_lo with fp32 accumulation: the cuBLAS path's precision. A chunk of
 // 64 k is 64 consecutive rows of it, one contiguous run, read as the mma's B operand by
-// transposing ldmatrix. x and φ stream through shared memory by cp.async, kProjStages deep.
+// transposing ldmatrix. x and φ stream through shared memory by cp.async (proj_stages deep).
 // Σx̄² comes from the A fragments the mma's read: each lane sums its columns, then a quad
 // sums in a fixed order. Outputs are per split of K (see projection_kernel), summed in split
 // order by the coefficient kernels that take them (kSqIn): z and r are bitwise reproducible.
@@ -24,7 +24,7 @@ enum class ProjOp { Proj };
 
 constexpr int kProjMaxN = 8;  // m = 80 logits: ten n8 tiles of accumulators a lane
 
-MHC_CX int proj_cols(int n) { return (n * n + 2 * n + 7) / 8 * 8; }  // mp
+MHC_CX int proj_cols(int n) { return (num_logits(n) + 7) / 8 * 8; }  // mp
 
 #if defined(MHC_CUDA)
 constexpr int kProjWarps = 8;
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kProjThreads) projection_kernel(Args a) {
   extern __shared__ float4 proj_smem[];
   auto& s = *reinterpret_cast<ProjShared<NB, MT>*>(proj_smem);
   const int n = N ? N : a.n;
-  const int m = n * n + 2 * n;
+  const int m = num_logits(n);
   const int mp = proj_cols(n);
   const int tiles = mp / 8;
   const int64_t K = int64_t(n) * a.hidden;

@@ -25,7 +25,6 @@ template <int N>
 MHC_CX int n_bound() {
   return N ? N : kMaxN;
 }
-MHC_CX int num_logits(int n) { return n * n + 2 * n; }
 
 // Elements per thread access in phase 3: 16 bytes, fewer where the n
 // stream values of a vector would not fit in registers; a power of two, so

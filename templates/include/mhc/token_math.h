@@ -8,6 +8,9 @@
 
 namespace mhc {
 
+// m = n² + 2n mixing logits a token: n pre, n post, n² res.
+MHC_CX int num_logits(int n) { return n * n + 2 * n; }
+
 MHC_HD float sigmoid(float v) { return 1.0f / (1.0f + fast_exp(-v)); }
 
 // r = sqrt(mean(x̄²) + eps): the RMS of one token's n·C values.
