@@ -147,15 +147,23 @@ def dynamic_coefficients(x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     return h_pre, h_post, h_res, z, r
 
 
-def _coefficients_from(z, r, alpha, b, n, iters, eps_sk, post_mult) -> dict:
-    """Per-token H from z and r in one launch (every token's Sinkhorn side by side), as
-    launch arguments (h_pre_in, h_post_in, h_res_in) for the kernels that take H."""
-    t = z.shape[0]
-    h_pre, h_post, h_res = _coeff_outputs((t,), n, z.device)
-    launch(Op.COEFFS_DYN, z.device, DType.FP32, n=n, hidden=1, tokens=t, sinkhorn_iters=iters,
-           eps_sk=eps_sk, post_mult=post_mult, alpha=alpha, bias=b, h_pre=h_pre,
-           h_post=h_post, h_res=h_res, z_in=z, r_in=r)  # fmt: skip
+def _coefficients_given(t, n, c, alpha, b, iters, eps_rms, eps_sk, post_mult, device,
+                        **logits) -> dict:  # fmt: skip
+    """Per-token H in one launch (every token's Sinkhorn side by side) from given logits:
+    z_in and r_in, or the projection's partials (z_in, sq_in, splits: c is then the hidden
+    size that r divides by, and z_out, r_out receive z and r). As launch arguments
+    (h_pre_in, h_post_in, h_res_in) for the kernels that take H."""
+    h_pre, h_post, h_res = _coeff_outputs((t,), n, device)
+    launch(Op.COEFFS_DYN, device, DType.FP32, n=n, hidden=c, tokens=t, sinkhorn_iters=iters,
+           eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult, alpha=alpha, bias=b,
+           h_pre=h_pre, h_post=h_post, h_res=h_res, **logits)  # fmt: skip
     return dict(h_pre_in=h_pre, h_post_in=h_post, h_res_in=h_res)
+
+
+def _coefficients_from(z, r, alpha, b, n, iters, eps_sk, post_mult) -> dict:
+    """_coefficients_given from the saved z and r."""
+    return _coefficients_given(z.shape[0], n, 1, alpha, b, iters, 1e-6, eps_sk, post_mult,
+                               z.device, z_in=z, r_in=r)  # fmt: skip
 
 
 def static_coefficients(b, n, iters, eps_sk, post_mult):
@@ -233,14 +241,10 @@ def layer_dynamic(x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
     out = empty(x.shape, x.dtype, x.device)
     z, r, args = _projected(x, phi)
     if t and "sq_in" in args:  # H in one launch (z and r out), then the layer reading x once
-        h_pre, h_post, h_res = _coeff_outputs((t,), n, x.device)
-        launch(Op.COEFFS_DYN, x.device, DType.FP32, n=n, hidden=c, tokens=t,
-               sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
-               alpha=alpha, bias=b, h_pre=h_pre, h_post=h_post, h_res=h_res,
-               **args)  # fmt: skip
+        h = _coefficients_given(t, n, c, alpha, b, iters, eps_rms, eps_sk, post_mult,
+                                x.device, **args)  # fmt: skip
         launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
-               eps_rms=eps_rms, x=x, norm_weight=weight, out=out, h_pre_in=h_pre,
-               h_post_in=h_post, h_res_in=h_res)  # fmt: skip
+               eps_rms=eps_rms, x=x, norm_weight=weight, out=out, **h)  # fmt: skip
     elif t:
         launch(Op.LAYER_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
