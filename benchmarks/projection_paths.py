@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The dynamic forward through the tensor-core projection (z and r in one pass over x, the
-coefficients in a launch of their own, the mixing kernels reading x once) and the layer
-backward given H, each against the path before it, in one process: alternating rounds of
+coefficients in a launch of their own, the mixing kernels reading x once), the layer
+backward given H (session 14) and the layer backward in two passes (session 15), each
+against the path before it, in one process: alternating rounds of
 cold (L2 flushed) and graph-replay ms, and the ms of the floor's bytes at the copy bandwidth
 measured in the run.
 
@@ -35,15 +36,13 @@ SIZES = ((16384, 4096, 4), (8192, 4096, 8), (8192, 7168, 4), (2560, 1280, 4))
 OFF = 1 << 62
 # Each mode: values of mhc_gen.gpu's switches.
 MODES = {
-    "before": dict(_PROJECTION_KERNEL_MIN_TOKENS=OFF, _LAYER_BWD_H_ONCE_MIN_TOKENS=OFF),
-    "projection": dict(
-        _PROJECTION_KERNEL_MIN_TOKENS=0,
-        _PROJECTION_KERNEL_MAX_N=8,
+    "before": dict(
+        _PROJECTION_KERNEL_MIN_TOKENS=OFF,
         _LAYER_BWD_H_ONCE_MIN_TOKENS=OFF,
+        _TWO_PASS_MIN_TOKENS=OFF,
     ),
-    "+bwd H once": dict(
-        _PROJECTION_KERNEL_MIN_TOKENS=0, _PROJECTION_KERNEL_MAX_N=8, _LAYER_BWD_H_ONCE_MIN_TOKENS=0
-    ),
+    "session 14": dict(_TWO_PASS_MIN_TOKENS=OFF),
+    "two-pass bwd": dict(_TWO_PASS_MIN_TOKENS=0),
 }
 
 

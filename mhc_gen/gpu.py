@@ -595,13 +595,83 @@ def _layer_front(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult, z=None, 
     return dx, dh_pre if dynamic else dh_pre.sum(0), dh_post, dh_res, dweight
 
 
+# From this many tokens the dynamic layer's backward of 16-bit x at n ≤ 4 (CUDA) runs in
+# two passes over x and G (mhc/layer_backward_two_pass.cuh): the per-token sums, then ∂x
+# whole with ∂z·φᵀ on tensor cores, instead of the front kernel's ∂x_front written and
+# read back by pre's ∂x kernel.
+_TWO_PASS_MIN_TOKENS = 4096
+_TWO_PASS_MAX_N = 4
+
+
+def _two_pass_backward(grad, x, weight, phi) -> bool:
+    """Whether the dynamic layer's backward runs as _layer_backward_two_pass (fp32
+    weight)."""
+    t, n, c = _dims(x)
+    m = reference.num_logits(n)
+    return (
+        x.is_cuda
+        and torch.version.hip is None
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and n <= _TWO_PASS_MAX_N
+        and c % 8 == 0
+        and all(v.data_ptr() % 16 == 0 for v in (x, grad, weight))
+        and (m % 2 == 1 or phi.data_ptr() % 8 == 0)
+        and t >= _TWO_PASS_MIN_TOKENS
+    )
+
+
+def _layer_dx_splits(t: int, c: int, device) -> int:
+    """Token-tile strides of the two-pass ∂x kernel's grid (its ∂w partial rows): one wave
+    of its 256-column blocks at 2 an SM (128 registers, 74 KB of shared memory at n = 4)."""
+    chunks = -(-c // 256)
+    return max(1, min(-(-t // 16), 2 * _sm_count(device) // chunks))
+
+
+def _layer_backward_two_pass(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms, eps_sk,
+                             post_mult):  # fmt: skip
+    """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer in two passes over x and G: H from the
+    saved z and r; the sums (∂H and the RMSNorm's s, k per token); pre's token kernel (∂z,
+    ∂r, ∂α, ∂h̃); ∂x and the ∂w partials; ∂φ."""
+    t, n, c = _dims(x)
+    m = reference.num_logits(n)
+    dev, f32 = x.device, torch.float32
+    h = _coefficients_from(z, r, alpha, b, n, iters, eps_sk, post_mult)
+    dh_pre, dh_post, dh_res = (empty((t, n), f32, dev), empty((t, n), f32, dev),
+                               empty((t, n, n), f32, dev))  # fmt: skip
+    scale = empty((t, 2), f32, dev)
+    common = dict(n=n, hidden=c, tokens=t, sinkhorn_iters=iters, eps_rms=eps_rms,
+                  eps_sk=eps_sk, post_mult=post_mult)  # fmt: skip
+    launch(Op.LAYER_BWD_DYN, dev, DTYPES[x.dtype], **common, x=x, grad_out=grad,
+           norm_weight=weight, grad_h_pre=dh_pre, grad_h_post=dh_post, grad_h_res=dh_res,
+           layer_scale=scale, **h)  # fmt: skip
+    dlogits, dz = empty((t, m), f32, dev), empty((t, m), f32, dev)
+    dalpha_tok = empty((t, 3), f32, dev)
+    scratch = empty((t, 2 * max(iters, 1) * n), f32, dev)
+    launch(Op.PRE_BWD_DYN, dev, DTYPES[x.dtype], **common, x=x, phi=phi, alpha=alpha,
+           bias=b, grad_h_pre_in=dh_pre, grad_h_post_in=dh_post, grad_h_res_in=dh_res,
+           z_in=z, r_in=r, grad_logits=dlogits, grad_z=dz, grad_alpha_tok=dalpha_tok,
+           scratch=scratch)  # fmt: skip
+    dx = empty(x.shape, x.dtype, dev)
+    splits = _layer_dx_splits(t, c, dev)
+    dw_rows = empty((splits, c), f32, dev)
+    launch(Op.LAYER_BWD_DYN, dev, DTYPES[x.dtype], **common, splits=splits, x=x,
+           grad_out=grad, norm_weight=weight, phi=phi, grad_z=dz, scratch=scratch,
+           layer_scale=scale, grad_x=dx, grad_norm_weight=dw_rows, **h)  # fmt: skip
+    return dx, dw_rows.sum(0), _phi_grad(x, dz, _phi_splits), dalpha_tok.sum(0), dlogits.sum(0)
+
+
 def layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms, eps_sk,
                            post_mult):  # fmt: skip
-    """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer: its front (H from the saved z and r, no
-    second projection), then pre's backward for the path through z, which adds the front's
-    ∂x in its pass."""
+    """(∂x, ∂w, ∂φ, ∂α, ∂b) of the seed's layer: in two passes where
+    _two_pass_backward says, else its front (H from the saved z and r, no second
+    projection), then pre's backward for the path through z, which adds the front's ∂x in
+    its pass."""
+    weight = weight.float()
+    if _two_pass_backward(grad, x, weight, phi):
+        return _layer_backward_two_pass(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms,
+                                        eps_sk, post_mult)  # fmt: skip
     dx_front, dh_pre, dh_post, dh_res, dweight = _layer_front(
-        grad, x, weight.float(), b, iters, eps_rms, eps_sk, post_mult, z=z, r=r, phi=phi,
+        grad, x, weight, b, iters, eps_rms, eps_sk, post_mult, z=z, r=r, phi=phi,
         alpha=alpha)  # fmt: skip
     dx, dphi, dalpha, db = pre_dynamic_backward(None, dh_pre, dh_post, dh_res, x, z, r, phi,
                                                 alpha, b, iters, eps_rms, eps_sk, post_mult,

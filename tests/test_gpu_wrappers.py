@@ -373,3 +373,50 @@ def test_static_ops_take_h_from_one_launch_with_many_tokens(monkeypatch):
     calls.clear()
     gpu._pre_static_grads(g[:, 0].float(), v["x"].float(), v["b"], 20, 1e-6, 2, None)
     assert len(calls) == 1 and calls[0][1].get("h_pre_in") is None
+
+
+def test_two_pass_layer_backward_hands_each_pass_what_the_last_wrote(monkeypatch):
+    """H from the saved z and r; the sums pass writes ∂H and s, k; pre's token kernel takes
+    ∂H (no ∂u, no ∂x) to ∂z and its scratch rows; the ∂x pass reads those and writes ∂x
+    and the ∂w rows, which are summed."""
+    seen = []
+    monkeypatch.setattr(gpu, "launch", lambda op, device, dtype, **kw: seen.append((op, kw)))
+    monkeypatch.setattr(gpu, "_two_pass_backward", lambda grad, x, w, phi: True)
+    monkeypatch.setattr(gpu, "_gemm_phi_grad", lambda x: False)
+    monkeypatch.setattr(gpu, "_phi_splits", lambda t, k, device: 1)
+    monkeypatch.setattr(gpu, "_sm_count", lambda device: 132)
+    v, m = _inputs(), R.num_logits(N)
+    z, r = torch.randn(T, m), torch.rand(T) + 0.5
+    grad = torch.randn(T, N, C).to(torch.bfloat16)
+    dx, dw, dphi, dalpha, db = gpu.layer_dynamic_backward(
+        grad, v["x"], v["w"], v["phi"], v["alpha"], v["b"], z, r, 20, 1e-6, 1e-6, 2
+    )
+    ops = [op for op, _ in seen]
+    assert ops == [
+        Op.COEFFS_DYN,
+        Op.LAYER_BWD_DYN,
+        Op.PRE_BWD_DYN,
+        Op.LAYER_BWD_DYN,
+        Op.PHI_GRAD_DYN,
+    ]
+    coeffs, sums, token, dx_pass, _ = (kw for _, kw in seen)
+    assert coeffs["z_in"] is z and coeffs["r_in"] is r
+    assert sums.get("grad_x") is None and sums.get("grad_z") is None
+    assert sums["h_pre_in"] is coeffs["h_pre"] and sums["layer_scale"].shape == (T, 2)
+    assert token.get("grad_out") is None and token.get("grad_x") is None
+    assert (
+        token["grad_h_pre_in"] is sums["grad_h_pre"]
+        and token["grad_h_res_in"] is sums["grad_h_res"]
+    )
+    assert dx_pass["grad_z"] is token["grad_z"] and dx_pass["scratch"] is token["scratch"]
+    assert dx_pass["layer_scale"] is sums["layer_scale"] and dx_pass["grad_x"] is dx
+    assert dx_pass["grad_norm_weight"].shape == (dx_pass["splits"], C)
+    assert dx.shape == v["x"].shape and dw.shape == (C,) and dphi.shape == v["phi"].shape
+    assert dalpha.shape == (3,) and db.shape == (m,)
+
+
+def test_two_pass_dx_grid_is_one_wave(monkeypatch):
+    monkeypatch.setattr(gpu, "_sm_count", lambda device: 132)
+    assert gpu._layer_dx_splits(16384, 4096, None) == 16  # 16 column blocks: 264 blocks
+    assert gpu._layer_dx_splits(16384, 7168, None) == 9
+    assert gpu._layer_dx_splits(20, 64, None) == 2  # no more than the token tiles

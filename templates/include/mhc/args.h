@@ -68,6 +68,8 @@ enum Ptr : int {
                     // backward then keeps H_pre and ∂r per token there
   kGradXGemm,       // [T, n, C] fp32 ∂z·φᵀ from a GEMM: pre's dynamic backward then runs
                     // only its ∂x epilogue (H_pre and ∂r from kScratch); may be null
+  kLayerScale,      // [T, 2] fp32 s = 1/rms(u) and s³·mean(g·w·u) of the dynamic layer's
+                    // RMSNorm: out of its backward's sums pass, into its ∂x pass
   kNumPtrs
 };
 

@@ -19,7 +19,7 @@
 // the caller sums the rows in a fixed order. No atomics.
 #pragma once
 
-#include "token_backward.cuh"
+#include "layer_backward_two_pass.cuh"
 
 namespace mhc {
 
@@ -259,13 +259,16 @@ int launch_layer_backward(const Args& a) {
   if (a.n < 1 || a.n > kMaxN || (N && a.n != N)) return kBadN;
   if (HIDDEN && a.hidden != HIDDEN) return kBadHidden;
   if (a.tokens == 0 || a.hidden == 0) return kOk;
+  const stream_t stream = static_cast<stream_t>(a.stream);
+  if constexpr (DYN) {
+    if (a.p[kLayerScale]) return launch_layer_two_pass<T, N, HIDDEN>(a, stream);
+  }
   if (!a.p[kGradX] || !a.p[kGradHPre] || !a.p[kGradHPost] || !a.p[kGradHRes] ||
       !a.p[kGradNormWeight])
     return kMissingInput;
   if (DYN && a.p[kHResIn] && (!a.p[kHPreIn] || !a.p[kHPostIn]))
     return kMissingInput;  // a given H comes whole
   if (DYN && !a.p[kHResIn] && (!a.p[kZIn] || !a.p[kRIn])) return kMissingInput;
-  const stream_t stream = static_cast<stream_t>(a.stream);
   constexpr int VEC = layer_bwd_vec<T, n_bound<N>(), DYN>();
   const int vb = VEC * int(sizeof(T));
   const bool vec_ok = a.hidden % VEC == 0 && aligned_to(a.p[kX], vb) &&

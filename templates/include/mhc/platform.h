@@ -220,7 +220,7 @@ MHC_DEV void load_pack(const T* p, float (&out)[VEC]) {
 // stores through other pointers (which it must otherwise assume alias it). Only for
 // data no thread writes during the kernel.
 template <typename T, int VEC>
-MHC_DEV void load_pack_ro(const T* p, float (&out)[VEC]) {
+MHC_DEV Pack<T, VEC> load_raw_ro(const T* p) {
   constexpr int kBytes = int(sizeof(T)) * VEC;
   Pack<T, VEC> pk;
   if constexpr (kBytes == 16) {
@@ -236,6 +236,12 @@ MHC_DEV void load_pack_ro(const T* p, float (&out)[VEC]) {
     const unsigned short u = __ldg(reinterpret_cast<const unsigned short*>(p));
     __builtin_memcpy(&pk, &u, 2);
   }
+  return pk;
+}
+
+template <typename T, int VEC>
+MHC_DEV void load_pack_ro(const T* p, float (&out)[VEC]) {
+  const Pack<T, VEC> pk = load_raw_ro<T, VEC>(p);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) out[i] = to_float(pk.v[i]);
 }

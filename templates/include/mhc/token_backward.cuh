@@ -560,6 +560,41 @@ constexpr int kMmaTokens = 16;             // the m16 of the tile
 constexpr int kMmaK = 64;                  // c per warp and pass: eight n8 tiles
 constexpr int kMmaChunk = kWarps * kMmaK;  // c per block (grid.y splits C)
 
+// d += one n8 tile of ∂z·φᵀ for 16 tokens: B is φ[k][q] for this lane's k (column g of
+// the tile; `row` is φ's row k) and logit pairs c2 + 16·st (+ 8), over KS k-steps, as three
+// bf16 products of split operands. `row` exists even where the column is past C (live
+// false: row 0, its values zeroed), so the loads take no branch and the compiler issues
+// them together instead of each behind its own test.
+template <int KS, bool PAIRS>
+MHC_DEV void dz_phi_n8(const float* row, int m, bool live, int c2, const uint32_t (&a_hi)[KS][4],
+                       const uint32_t (&a_lo)[KS][4], float (&d)[4]) {
+#pragma unroll
+  for (int st = 0; st < KS; ++st) {
+    float f[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int q = 16 * st + c2 + h * 8;
+      float2 p = make_float2(0.0f, 0.0f);
+      if (q < m) {              // decided at compile time where N is
+        if constexpr (PAIRS) {  // m even: q + 1 < m too
+          p = __ldg(reinterpret_cast<const float2*>(row + q));
+        } else {
+          p.x = __ldg(row + q);
+          if (q + 1 < m) p.y = __ldg(row + q + 1);
+        }
+      }
+      f[2 * h] = live ? p.x : 0.0f;
+      f[2 * h + 1] = live ? p.y : 0.0f;
+    }
+    uint32_t b_hi[2], b_lo[2];
+    split_pair(f[0], f[1], b_hi[0], b_lo[0]);
+    split_pair(f[2], f[3], b_hi[1], b_lo[1]);
+    mma_bf16(d, a_hi[st], b_hi);
+    mma_bf16(d, a_hi[st], b_lo);
+    mma_bf16(d, a_lo[st], b_hi);
+  }
+}
+
 template <int NB>
 struct PreDxMmaShared {
   PreDxShared<NB, kMmaTokens> in;
@@ -650,37 +685,10 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
     }
 #pragma unroll
     for (int nb = 0; nb < kMmaK / 8; ++nb) {
-      // B: φ[k][q] for this lane's k (column g of the n8 tile) and logit pairs. The loads
-      // read a row that exists (k, or row 0 past C) and take no branch, so that the
-      // compiler issues them together instead of each behind its own test.
       const bool live = c_lo + nb * 8 + g < C;
-      const float* row = phi + (live ? kb + nb * 8 + g : int64_t(0)) * m;
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int st = 0; st < KS; ++st) {
-        float f[4];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int q = 16 * st + c2 + h * 8;
-          float2 p = make_float2(0.0f, 0.0f);
-          if (q < m) {              // decided at compile time where N is
-            if constexpr (PAIRS) {  // m even: q + 1 < m too
-              p = __ldg(reinterpret_cast<const float2*>(row + q));
-            } else {
-              p.x = __ldg(row + q);
-              if (q + 1 < m) p.y = __ldg(row + q + 1);
-            }
-          }
-          f[2 * h] = live ? p.x : 0.0f;
-          f[2 * h + 1] = live ? p.y : 0.0f;
-        }
-        uint32_t b_hi[2], b_lo[2];
-        split_pair(f[0], f[1], b_hi[0], b_lo[0]);
-        split_pair(f[2], f[3], b_hi[1], b_lo[1]);
-        mma_bf16(d, a_hi[st], b_hi);
-        mma_bf16(d, a_hi[st], b_lo);
-        mma_bf16(d, a_lo[st], b_hi);
-      }
+      dz_phi_n8<KS, PAIRS>(phi + (live ? kb + nb * 8 + g : int64_t(0)) * m, m, live, c2, a_hi, a_lo,
+                           d);
       *reinterpret_cast<float2*>(&tile[g][nb * 8 + c2]) = make_float2(d[0], d[1]);
       *reinterpret_cast<float2*>(&tile[g + 8][nb * 8 + c2]) = make_float2(d[2], d[3]);
     }

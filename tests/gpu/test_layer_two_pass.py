@@ -1,0 +1,119 @@
+"""The dynamic layer's backward in two passes over x and G (mhc/layer_backward_two_pass.cuh):
+every built variant that serves it against float64 autograd of the reference, outputs
+poisoned, a second run bitwise the same; and the gate that decides when it runs."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mhc_gen
+from generator.spec import Op, parse
+from mhc_gen import gpu, reference
+from mhc_gen._launch import forced_variant, poisoned_outputs
+from mhc_gen.testing import GRAD_TOLERANCES, assert_close, bitwise_equal
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _variants() -> list[str]:
+    """Built layer_bwd_dyn variants of 16-bit dtypes at n ≤ 4 or any n."""
+    if not torch.cuda.is_available():
+        return []
+    return [
+        k
+        for k in mhc_gen.kernels()
+        if (s := parse(k)).op is Op.LAYER_BWD_DYN
+        and s.dtype.value in DTYPES
+        and (s.n is None or s.n <= gpu._TWO_PASS_MAX_N)
+    ]
+
+
+def _inputs(t, n, c, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = reference.num_logits(n)
+    x = torch.randn(t, n, c, generator=g).to(dtype)
+    phi = torch.randn(n * c, m, generator=g) * 0.5 / (n * c) ** 0.5
+    alpha = torch.tensor([1.0, 0.8, 1.2])
+    b = torch.randn(m, generator=g)
+    w = 1 + 0.2 * torch.randn(c, generator=g)
+    grad = torch.randn(t, n, c, generator=g).to(dtype)
+    return x, w, phi, alpha, b, grad
+
+
+def _gradients(x, w, phi, alpha, b, grad):
+    """(∂x, ∂w, ∂φ, ∂α, ∂b) of mhc_gen's layer on the GPU, with the two-pass backward."""
+    leaves = [v.cuda().float().requires_grad_(True) for v in (x, w, phi, alpha, b)]
+    with mock.patch.object(gpu, "_TWO_PASS_MIN_TOKENS", 0):
+        out = mhc_gen.layer_dynamic(leaves[0].to(x.dtype), *leaves[1:])
+        assert gpu._two_pass_backward(grad.cuda(), out, leaves[1], leaves[2])
+        out.backward(grad.cuda())
+    return [v.grad for v in leaves]
+
+
+@pytest.mark.parametrize("name", _variants())
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_two_pass_gradients(name, data):
+    """Gradients against float64: token counts around the 16-token tile, C from one
+    8-wide vector to past several 256-column blocks (and not a multiple of them)."""
+    spec = parse(name)
+    n = spec.n or data.draw(st.integers(1, gpu._TWO_PASS_MAX_N), label="n")
+    c = 8 * data.draw(st.one_of(st.integers(1, 40), st.sampled_from([160, 512])), label="c/8")
+    t = data.draw(st.one_of(st.integers(1, 40), st.sampled_from([100, 257])), label="T")
+    dtype = DTYPES[spec.dtype.value]
+    x, w, phi, alpha, b, grad = _inputs(t, n, c, dtype, data.draw(st.integers(0, 2**31 - 1)))
+    ref = [v.double().requires_grad_(True) for v in (x, w, phi, alpha, b)]
+    reference.layer_dynamic(*ref).backward(grad.double())
+    with forced_variant(name), poisoned_outputs():
+        first = _gradients(x, w, phi, alpha, b, grad)
+        second = _gradients(x, w, phi, alpha, b, grad)
+    tol = GRAD_TOLERANCES[dtype]
+    for got, again, want, what in zip(first, second, ref, ("x", "w", "phi", "alpha", "b"),
+                                      strict=True):  # fmt: skip
+        assert bitwise_equal(got, again), f"d{what}: a second run differs bitwise"
+        assert_close(got, want.grad, f"d{what}", tol=tol)
+
+
+@pytest.mark.parametrize(("n", "c", "t"), [(4, 4096, 33), (4, 7168, 17), (2, 1280, 70)])
+def test_two_pass_gradients_at_model_sizes(n, c, t):
+    """The selected variants at the hidden sizes the benchmarks run."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    x, w, phi, alpha, b, grad = _inputs(t, n, c, torch.bfloat16, n + c + t)
+    ref = [v.double().requires_grad_(True) for v in (x, w, phi, alpha, b)]
+    reference.layer_dynamic(*ref).backward(grad.double())
+    with poisoned_outputs():
+        got = _gradients(x, w, phi, alpha, b, grad)
+    for g, want, what in zip(got, ref, ("x", "w", "phi", "alpha", "b"), strict=True):
+        assert_close(g, want.grad, f"d{what}", tol=GRAD_TOLERANCES[torch.bfloat16])
+
+
+def test_two_pass_gate():
+    """It runs only where its kernels serve: CUDA, 16-bit x, n ≤ 4, C a multiple of 8,
+    16-byte aligned x, G and w, enough tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+
+    def case(t=8, n=4, c=64, dtype=torch.bfloat16, offset=0):
+        m = reference.num_logits(n)
+        base = torch.randn(t * n * c + offset, device="cuda").to(dtype)
+        x = base[offset:].view(t, n, c)
+        w = torch.ones(c, device="cuda")
+        phi = torch.randn(n * c, m, device="cuda")
+        return gpu._two_pass_backward(x, x, w, phi)
+
+    with mock.patch.object(gpu, "_TWO_PASS_MIN_TOKENS", 0):
+        assert case()
+        assert case(dtype=torch.float16)
+        assert not case(dtype=torch.float32)
+        assert not case(n=5)
+        assert not case(c=60)
+        assert not case(offset=1)
+    assert not case()  # 8 tokens: below the threshold
