@@ -622,8 +622,8 @@ def _two_pass_backward(grad, x, weight, phi) -> bool:
 
 def _layer_dx_splits(t: int, c: int, device) -> int:
     """Token-tile strides of the two-pass ∂x kernel's grid (its ∂w partial rows): one wave
-    of its 256-column blocks at 2 an SM (128 registers, 74 KB of shared memory at n = 4)."""
-    chunks = -(-c // 256)
+    of its 128-column blocks at 2 an SM (128 registers, 91 KB of shared memory at n = 4)."""
+    chunks = -(-c // 128)
     return max(1, min(-(-t // 16), 2 * _sm_count(device) // chunks))
 
 

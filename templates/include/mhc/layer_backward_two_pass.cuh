@@ -112,10 +112,13 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_sums_kernel(Args a) {
 }
 
 #if defined(MHC_CUDA)
-constexpr int kDxCols = 32;                 // c a warp: four n8 tiles
+// c a warp: two n8 tiles, so that a warp's n tiles of ∂z·φᵀ (5 KB at n = 4) leave room
+// for 3 blocks an SM, and one pass of 16-byte vectors, a token a lane, covers them.
+constexpr int kDxCols = 16;
 constexpr int kDxChunk = kWarps * kDxCols;  // c a block (grid.y splits C)
-constexpr int kDxLd = kDxCols + 4;          // floats a staged tile row: the epilogue's
-                                            // 16-byte reads are free of bank conflicts
+// Floats a staged tile row: the epilogue's 16-byte reads (lanes 0-7 on tokens 0-7) are
+// free of bank conflicts, the fragments' 8-byte stores 2-way at most.
+constexpr int kDxLd = kDxCols + 4;
 
 // A block's 16 tokens' scalars; rows padded to an odd stride where lanes of 8 tokens read
 // one element each (bank-conflict free).
@@ -128,20 +131,32 @@ struct LayerDxShared {
   alignas(16) float dz[kMmaTokens][padded_logits<NB>()];
 };
 
-// Dynamic shared memory: each warp's n tiles of 16 tokens × kDxCols of ∂z·φᵀ.
+// Elements a staged x or G row of one stream (16 tokens × kDxCols a warp): the epilogue's
+// 16-byte reads (lanes 0-7 on tokens 0-7) are free of bank conflicts.
+constexpr int kDxStageLd = kDxCols + 8;
+
+// Dynamic shared memory: each warp's n tiles of 16 tokens × kDxCols of ∂z·φᵀ (fp32), then
+// its x and G of the same 16 tokens and columns (16-bit T): 88 KB at n = 4, 2 blocks an SM.
+template <int NB>
+MHC_CX int64_t layer_dx_tile_floats() {
+  return int64_t(kWarps) * NB * kMmaTokens * kDxLd;
+}
+template <int NB>
+MHC_CX int64_t layer_dx_stage_elems() {  // a warp's: x and G
+  return 2 * int64_t(NB) * kMmaTokens * kDxStageLd;
+}
 template <int NB>
 MHC_CX int64_t layer_dx_smem_bytes() {
-  return int64_t(kWarps) * NB * kMmaTokens * kDxLd * int64_t(sizeof(float));
+  return layer_dx_tile_floats<NB>() * 4 + int64_t(kWarps) * layer_dx_stage_elems<NB>() * 2;
 }
 
 template <typename T, int N, int HIDDEN, bool PAIRS>
-__global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
   constexpr int NB = two_pass_bound<N>();
   constexpr int TM = kMmaTokens;
   constexpr int KS = (num_logits(NB) + 15) / 16;  // k-steps of 16 logits
   constexpr int VEC = 16 / int(sizeof(T));
-  constexpr int kLanesPerRow = kDxCols / VEC;
-  constexpr int kRowsPerPass = kWarp / kLanesPerRow;
+  static_assert(kDxCols / VEC * TM == kWarp, "the epilogue is one pass: a vector a lane");
   __shared__ LayerDxShared<NB> s;
   extern __shared__ float4 dx_smem[];
   const int n = N ? N : a.n;
@@ -153,7 +168,8 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
   float(*tile)[TM][kDxLd] =
       reinterpret_cast<float(*)[TM][kDxLd]>(reinterpret_cast<float*>(dx_smem)) + warp * NB;
   const int64_t c_lo = int64_t(blockIdx.y) * kDxChunk + int64_t(warp) * kDxCols;
-  const int col = (lane % kLanesPerRow) * VEC;  // the epilogue's VEC consecutive c
+  // The epilogue's token and VEC consecutive c (lanes 0-15 on tokens 0-15).
+  const int te = lane % TM, col = lane / TM * VEC;
   const int64_t c = c_lo + col;
   const bool lane_live = c < C;  // C is a multiple of VEC: the whole vector is in range
   const float* phi = a.in<float>(kPhi);
@@ -168,10 +184,36 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
     for (int v = 0; v < VEC; v += 4)
       load_pack<float, 4>(w + c + v, *reinterpret_cast<float(*)[4]>(wv + v));
 
+  // x and G of the next token tile are copied into shared memory (cp.async) as soon as
+  // this one's epilogue has read them: each lane copies the 16-byte pieces its epilogue
+  // reads, and only those, so it waits on its own copies alone. Their DRAM latency then
+  // passes under the next tile's scalar loads, barriers and products instead of stalling
+  // its epilogue. (Two buffers, copied a tile earlier: 137 KB, one block an SM.)
+  T* stage = reinterpret_cast<T*>(reinterpret_cast<float*>(dx_smem) + layer_dx_tile_floats<NB>()) +
+             warp * layer_dx_stage_elems<NB>();
+  // stage[x or G][stream][token][column]
+  auto staged = [&](int which, int j) {
+    return stage + (which * NB + j) * (TM * kDxStageLd) + te * kDxStageLd + col;
+  };
+  const T* x_all = a.in<T>(kX);
+  const T* g_all = a.in<T>(kGradOut);
+  auto copy_tile = [&](int64_t tl) {
+    const int64_t tok = tl * TM + te;
+    if (tl < (a.tokens + TM - 1) / TM && tok < a.tokens && lane_live)
+#pragma unroll
+      for (int j = 0; j < NB; ++j)
+        if (j < n) {
+          async_copy16(staged(0, j), x_all + tok * K + j * C + c);
+          async_copy16(staged(1, j), g_all + tok * K + j * C + c);
+        }
+    async_commit();
+  };
   const int64_t tiles = (a.tokens + TM - 1) / TM;
+  copy_tile(blockIdx.x);
   for (int64_t tl = blockIdx.x; tl < tiles; tl += gridDim.x) {
     const int64_t t0 = tl * TM;
     const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
+    const bool row_live = te < nt && lane_live;
     __syncthreads();  // the previous tile's scalars are no longer read
     for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
       s.dz[idx / m][idx % m] = a.in<float>(kGradZ)[t0 * m + idx];
@@ -191,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
     // A: ∂z of the 16 tokens (rows past nt and logits past m are zero), split once.
     uint32_t a_hi[KS][4], a_lo[KS][4];
 #pragma unroll
-    for (int st = 0; st < KS; ++st)
+    for (int st = 0; st < KS; ++st) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int row = g + (r & 1) * 8, cl = 16 * st + c2 + (r >> 1) * 8;
@@ -199,8 +241,9 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
         split_pair(live && cl < m ? s.dz[row][cl] : 0.0f,
                    live && cl + 1 < m ? s.dz[row][cl + 1] : 0.0f, a_hi[st][r], a_lo[st][r]);
       }
-      // ∂z·φᵀ of every stream into the warp's tiles (a stream at a time: unrolled over
-      // streams, the φ loads of all of them were issued together, 160 registers).
+    }
+    // ∂z·φᵀ of every stream into the warp's tiles, a stream at a time (unrolled over
+    // streams, the φ loads of all of them are issued together: registers).
 #pragma unroll 1
     for (int j = 0; j < n; ++j) {
       const int64_t kb = int64_t(j) * C + c_lo;
@@ -217,22 +260,17 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
     sync_warp();
 
     // Epilogue: VEC consecutive c of one token a lane.
-    const T* x = a.in<T>(kX) + t0 * K;
-    const T* gr = a.in<T>(kGradOut) + t0 * K;
-    T* dx = a.out<T>(kGradX) + t0 * K;
-#pragma unroll 1
-    for (int i = 0; i < TM / kRowsPerPass; ++i) {
-      const int t = lane / kLanesPerRow + i * kRowsPerPass;
-      if (t >= nt || !lane_live) break;
-      // x and G stay packed (16-bit) until used: 4n registers, not 8n floats.
+    if (row_live) {
+      const int t = te;
+      async_wait<0>();  // this lane's copies of the tile
       Pack<T, VEC> xp[NB], gp[NB];
 #pragma unroll
-      for (int j = 0; j < NB; ++j) {
+      for (int j = 0; j < NB; ++j)
         if (j < n) {
-          xp[j] = load_raw_ro<T, VEC>(x + t * K + j * C + c);
-          gp[j] = load_raw_ro<T, VEC>(gr + t * K + j * C + c);
+          xp[j] = *reinterpret_cast<const Pack<T, VEC>*>(staged(0, j));
+          gp[j] = *reinterpret_cast<const Pack<T, VEC>*>(staged(1, j));
         }
-      }
+      T* dx = a.out<T>(kGradX) + t0 * K;
       const float sc = s.scale[t][0], k_u = s.scale[t][1], dr = s.scale[t][2];
       float du[VEC];
 #pragma unroll
@@ -268,13 +306,16 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
       }
     }
     sync_warp();  // the tiles are rewritten by the next token tile
+    // This lane's stores above used what it read from its staging pieces: they are free.
+    copy_tile(tl + gridDim.x);
   }
+  async_wait<0>();  // no copy outlives the kernel
   // ∂w: the lanes of one column sum their rows in a fixed order, one row a block.
 #pragma unroll
   for (int v = 0; v < VEC; ++v)
 #pragma unroll
-    for (int o = kLanesPerRow; o < kWarp; o *= 2) dw[v] += shfl_xor(dw[v], o);
-  if (lane < kLanesPerRow && lane_live) {
+    for (int o = 1; o < TM; o *= 2) dw[v] += shfl_xor(dw[v], o);
+  if (te == 0 && lane_live) {
     float* row = a.out<float>(kGradNormWeight) + int64_t(blockIdx.x) * C + c;
 #pragma unroll
     for (int v = 0; v < VEC; v += 4)
