@@ -601,13 +601,12 @@ def _layer_front(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult, z=None, 
 # read back by pre's ∂x kernel.
 _TWO_PASS_MIN_TOKENS = 4096
 _TWO_PASS_MAX_N = 4
-_TWO_PASS_MAX_HIDDEN = 8192  # the ∂x kernel's ∂w row in shared memory, 2 blocks an SM
 
 
 def _two_pass_backward(grad, x, weight, phi) -> bool:
     """Whether the dynamic layer's backward runs as _layer_backward_two_pass (fp32
-    weight): CUDA, 16-bit x, n ≤ 4, C a multiple of 8 up to _TWO_PASS_MAX_HIDDEN, 16-byte
-    aligned x, G and w (and 8-byte aligned φ where m is even), enough tokens."""
+    weight): CUDA, 16-bit x, n ≤ 4, C a multiple of 8, 16-byte aligned x, G and w (and
+    8-byte aligned φ where m is even), enough tokens."""
     t, n, c = _dims(x)
     m = reference.num_logits(n)
     return (
@@ -616,19 +615,17 @@ def _two_pass_backward(grad, x, weight, phi) -> bool:
         and x.dtype in (torch.bfloat16, torch.float16)
         and n <= _TWO_PASS_MAX_N
         and c % 8 == 0
-        and c <= _TWO_PASS_MAX_HIDDEN
         and all(v.data_ptr() % 16 == 0 for v in (x, grad, weight))
         and (m % 2 == 1 or phi.data_ptr() % 8 == 0)
         and t >= _TWO_PASS_MIN_TOKENS
     )
 
 
-def _layer_dx_splits(t: int, device) -> int:
-    """Blocks of the two-pass ∂x kernel (its ∂w partial rows), each taking 16-token tiles in
-    turn: at most one wave at 2 an SM (128 registers, ≤ 113 KB of shared memory), as few as
-    give every block the same count of tiles."""
-    tiles, slots = -(-t // 16), 2 * _sm_count(device)
-    return -(-tiles // -(-tiles // slots))
+def _layer_dx_splits(t: int, c: int, device) -> int:
+    """Token-tile strides of the two-pass ∂x kernel's grid (its ∂w partial rows): one wave
+    of its 256-column blocks at 2 an SM (128 registers, 74 KB of shared memory at n = 4)."""
+    chunks = -(-c // 256)
+    return max(1, min(-(-t // 16), 2 * _sm_count(device) // chunks))
 
 
 def _layer_backward_two_pass(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms, eps_sk,
@@ -656,7 +653,7 @@ def _layer_backward_two_pass(grad, x, weight, phi, alpha, b, z, r, iters, eps_rm
            z_in=z, r_in=r, grad_logits=dlogits, grad_z=dz, grad_alpha_tok=dalpha_tok,
            scratch=scratch)  # fmt: skip
     dx = empty(x.shape, x.dtype, dev)
-    splits = _layer_dx_splits(t, dev)
+    splits = _layer_dx_splits(t, c, dev)
     dw_rows = empty((splits, c), f32, dev)
     launch(Op.LAYER_BWD_DYN, dev, DTYPES[x.dtype], **common, splits=splits, x=x,
            grad_out=grad, norm_weight=weight, phi=phi, grad_z=dz, scratch=scratch,

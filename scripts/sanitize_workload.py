@@ -4,7 +4,8 @@ and synccheck. Covers compile-time n (4, 32) and run-time n (3), the 16-byte and
 the scalar path (C = 1280, 77), bf16 (the projection as a cuBLAS GEMM, r in the fused
 kernel; for n = 32 the pre backward's ∂z·φᵀ as a GEMM too; at n = 4 and 2, C = 1280 and
 64, also the tensor-core projection with its coefficients launch, the layer given H and the
-layer backward given H, which the library takes from 4096 tokens), fp16 and fp32."""
+layer backward given H, which the library takes from 4096 tokens; at n = 4 and 3 the layer
+backward in two passes, also from 4096 tokens), fp16 and fp32."""
 
 from __future__ import annotations
 
@@ -40,11 +41,14 @@ def families(x, w, phi, alpha, b, y):
 # The paths the library takes from many tokens, taken here at 5: the projection kernel (z
 # and Σx̄² in one pass) and H from one coefficients launch in the layer's backward.
 MANY_TOKENS_PATHS = dict(_PROJECTION_KERNEL_MIN_TOKENS=0, _LAYER_BWD_H_ONCE_MIN_TOKENS=0)
+# And the dynamic layer's backward in two passes (16-bit x, n ≤ 4; fp32 keeps the above).
+TWO_PASS_PATHS = dict(MANY_TOKENS_PATHS, _TWO_PASS_MIN_TOKENS=0)
 
 
 def main():
     cases = [((4, 1280), {}), ((4, 77), {}), ((3, 64), {}), ((32, 40), {})]
     cases += [((4, 1280), MANY_TOKENS_PATHS), ((2, 64), MANY_TOKENS_PATHS)]
+    cases += [((4, 1280), TWO_PASS_PATHS), ((3, 72), TWO_PASS_PATHS)]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for (n, c), paths in cases:
             g = torch.Generator().manual_seed(n * c)
@@ -62,7 +66,10 @@ def main():
                 families(**args)
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
-            print(f"ok {dtype} n={n} C={c}{' (many-token paths)' if paths else ''}", flush=True)
+            label = (
+                " (two-pass)" if paths is TWO_PASS_PATHS else " (many-token paths)" * bool(paths)
+            )
+            print(f"ok {dtype} n={n} C={c}{label}", flush=True)
 
 
 if __name__ == "__main__":

@@ -417,7 +417,6 @@ def test_two_pass_layer_backward_hands_each_pass_what_the_last_wrote(monkeypatch
 
 def test_two_pass_dx_grid_is_one_wave(monkeypatch):
     monkeypatch.setattr(gpu, "_sm_count", lambda device: 132)
-    assert gpu._layer_dx_splits(16384, None) == 256  # 1024 tiles: 4 a block, 256 of 264 slots
-    assert gpu._layer_dx_splits(8192, None) == 256
-    assert gpu._layer_dx_splits(4096 * 16 + 1, None) == 257  # 4097 tiles: 16 a block
-    assert gpu._layer_dx_splits(20, None) == 2  # no more than the token tiles
+    assert gpu._layer_dx_splits(16384, 4096, None) == 16  # 16 column blocks: 256 of 264
+    assert gpu._layer_dx_splits(16384, 7168, None) == 9
+    assert gpu._layer_dx_splits(20, 64, None) == 2  # no more than the token tiles

@@ -98,8 +98,8 @@ def test_two_pass_gradients_at_model_sizes(n, c, t):
 
 
 def test_two_pass_gate():
-    """It runs only where its kernels serve: CUDA, 16-bit x, n ≤ 4, C a multiple of 8 up
-    to 8192, 16-byte aligned x, G and w, enough tokens."""
+    """It runs only where its kernels serve: CUDA, 16-bit x, n ≤ 4, C a multiple of 8,
+    16-byte aligned x, G and w, enough tokens."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
 
@@ -117,6 +117,5 @@ def test_two_pass_gate():
         assert not case(dtype=torch.float32)
         assert not case(n=5)
         assert not case(c=60)
-        assert not case(c=8200)  # the ∂w row past the kernel's shared memory
         assert not case(offset=1)
     assert not case()  # 8 tokens: below the threshold

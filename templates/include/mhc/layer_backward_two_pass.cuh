@@ -112,16 +112,17 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_sums_kernel(Args a) {
 }
 
 #if defined(MHC_CUDA)
-// The ∂x pass: a block takes 16 tokens at a time and sweeps their rows, 128 columns (16 a
-// warp: two n8 tiles) a step, so that its DRAM accesses run along whole rows; ∂z's
-// fragments and the tokens' scalars are loaded once a tile. (Blocks owning 128 or 256
-// columns of every token, the rows cut in 256- or 512-byte pieces: 1.62 and 1.02 ms at
-// T = 16384, C = 4096, n = 4 on the H200, against the sums pass's 0.26 for 2/3 the bytes.)
-constexpr int kDxCols = 16;
-constexpr int kDxStep = kWarps * kDxCols;  // c a block step
-// Floats a staged tile row: the epilogue's 16-byte reads (lanes 0-7 on tokens 0-7) are
-// free of bank conflicts, the fragments' 8-byte stores 2-way at most.
-constexpr int kDxLd = kDxCols + 4;
+// The ∂x pass: a block owns 16 tokens at a time and 256 columns of each of their streams
+// (32 a warp: four n8 tiles of ∂z·φᵀ a stream, staged whole for the epilogue), walking
+// token tiles; 1.02 ms at T = 16384, C = 4096, n = 4 on the H200 (the sums pass: 0.26 for
+// 2/3 of the bytes). Measured slower (session 15): 16 columns a warp with x and G copied a
+// tile ahead by cp.async, 1.62 ms; blocks sweeping whole rows of their tiles, 128 columns
+// a step, 1.24. Both halve the columns a stream's φ loads serve, and those loads wait on
+// L2 once a stream (the stream loop is not unrolled: registers).
+constexpr int kDxCols = 32;                 // c a warp: four n8 tiles
+constexpr int kDxChunk = kWarps * kDxCols;  // c a block (grid.y splits C)
+constexpr int kDxLd = kDxCols + 4;          // floats a staged tile row: the epilogue's
+                                            // 16-byte reads are free of bank conflicts
 
 // A block's 16 tokens' scalars; rows padded to an odd stride where lanes of 8 tokens read
 // one element each (bank-conflict free).
@@ -134,29 +135,20 @@ struct LayerDxShared {
   alignas(16) float dz[kMmaTokens][padded_logits<NB>()];
 };
 
-// Dynamic shared memory: each warp's n tiles of 16 tokens × kDxCols of ∂z·φᵀ (fp32), its
-// x and G of the same tokens and columns (16-bit T), then the block's ∂w row (C floats):
-// 104 KB at n = 4, C = 4096 (2 blocks an SM up to C = 9632).
+// Dynamic shared memory: each warp's n tiles of 16 tokens × kDxCols of ∂z·φᵀ.
 template <int NB>
-MHC_CX int64_t layer_dx_tile_floats() {
-  return int64_t(kWarps) * NB * kMmaTokens * kDxLd;
-}
-template <int NB>
-MHC_CX int64_t layer_dx_stage_elems() {  // a warp's: x and G
-  return 2 * int64_t(NB) * kMmaTokens * kDxCols;
-}
-template <int NB>
-MHC_CX int64_t layer_dx_smem_bytes(int64_t C) {
-  return layer_dx_tile_floats<NB>() * 4 + int64_t(kWarps) * layer_dx_stage_elems<NB>() * 2 + C * 4;
+MHC_CX int64_t layer_dx_smem_bytes() {
+  return int64_t(kWarps) * NB * kMmaTokens * kDxLd * int64_t(sizeof(float));
 }
 
 template <typename T, int N, int HIDDEN, bool PAIRS>
-__global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
+__global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
   constexpr int NB = two_pass_bound<N>();
   constexpr int TM = kMmaTokens;
   constexpr int KS = (num_logits(NB) + 15) / 16;  // k-steps of 16 logits
   constexpr int VEC = 16 / int(sizeof(T));
-  static_assert(kDxCols / VEC * TM == kWarp, "the epilogue is one pass: a vector a lane");
+  constexpr int kLanesPerRow = kDxCols / VEC;
+  constexpr int kRowsPerPass = kWarp / kLanesPerRow;
   __shared__ LayerDxShared<NB> s;
   extern __shared__ float4 dx_smem[];
   const int n = N ? N : a.n;
@@ -165,48 +157,29 @@ __global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
   const int64_t K = int64_t(n) * C;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int g = lane / 4, c2 = 2 * (lane % 4);  // the fragment's row and column pair
-  float* smem = reinterpret_cast<float*>(dx_smem);
-  float(*tile)[TM][kDxLd] = reinterpret_cast<float(*)[TM][kDxLd]>(smem) + warp * NB;
-  T* stage =
-      reinterpret_cast<T*>(smem + layer_dx_tile_floats<NB>()) + warp * layer_dx_stage_elems<NB>();
-  float* sdw = smem + layer_dx_tile_floats<NB>() +
-               int64_t(kWarps) * layer_dx_stage_elems<NB>() * int64_t(sizeof(T)) / 4;
-  // The epilogue's token and VEC consecutive c of the warp's 16 (lanes 0-15 on tokens
-  // 0-15). Its staged pieces: stage[x or G][stream][token][16 columns], the two 16-byte
-  // halves of a row swapped on tokens 4-7 and 12-15 (lanes 0-7 then read banks apart).
-  const int te = lane % TM, col = lane / TM * VEC;
-  T* const staged = stage + te * kDxCols + (col ^ ((te >> 2 & 1) * VEC));
+  float(*tile)[TM][kDxLd] =
+      reinterpret_cast<float(*)[TM][kDxLd]>(reinterpret_cast<float*>(dx_smem)) + warp * NB;
+  const int64_t c_lo = int64_t(blockIdx.y) * kDxChunk + int64_t(warp) * kDxCols;
+  const int col = (lane % kLanesPerRow) * VEC;  // the epilogue's VEC consecutive c
+  const int64_t c = c_lo + col;
+  const bool lane_live = c < C;  // C is a multiple of VEC: the whole vector is in range
   const float* phi = a.in<float>(kPhi);
   const float* w = a.in<float>(kNormWeight);
   const float* scratch = a.in<float>(kScratch);
   const int64_t row_len = scratch_row(a, n);
-  const T* x_all = a.in<T>(kX);
-  const T* g_all = a.in<T>(kGradOut);
-  const int64_t tiles = (a.tokens + TM - 1) / TM;
-  const int64_t steps = (C + kDxStep - 1) / kDxStep;
-  for (int64_t k = threadIdx.x; k < C; k += kThreads) sdw[k] = 0.0f;
-
-  // x and G of a step are copied into shared memory (cp.async) as soon as the step before
-  // has read its own: each lane copies the 16-byte pieces its epilogue reads, and only
-  // those, so it waits on its own copies alone, and their DRAM latency passes under the
-  // products (and, a tile's first, the scalars' loads) instead of stalling the epilogue.
-  auto copy_step = [&](int64_t tl, int64_t step) {
-    const int64_t tok = tl * TM + te, c = step * kDxStep + warp * kDxCols + col;
-    if (tl < tiles && tok < a.tokens && c < C)
+  float wv[VEC], dw[VEC];
 #pragma unroll
-      for (int j = 0; j < NB; ++j)
-        if (j < n) {
-          async_copy16(staged + j * (TM * kDxCols), x_all + tok * K + j * C + c);
-          async_copy16(staged + (NB + j) * (TM * kDxCols), g_all + tok * K + j * C + c);
-        }
-    async_commit();
-  };
-  copy_step(blockIdx.x, 0);
+  for (int v = 0; v < VEC; ++v) wv[v] = dw[v] = 0.0f;
+  if (lane_live)
+#pragma unroll
+    for (int v = 0; v < VEC; v += 4)
+      load_pack<float, 4>(w + c + v, *reinterpret_cast<float(*)[4]>(wv + v));
 
+  const int64_t tiles = (a.tokens + TM - 1) / TM;
   for (int64_t tl = blockIdx.x; tl < tiles; tl += gridDim.x) {
     const int64_t t0 = tl * TM;
     const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
-    __syncthreads();  // the previous tile's scalars are no longer read; sdw is zero
+    __syncthreads();  // the previous tile's scalars are no longer read
     for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
       s.dz[idx / m][idx % m] = a.in<float>(kGradZ)[t0 * m + idx];
     for (int idx = threadIdx.x; idx < nt * n; idx += kThreads) {
@@ -222,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
     }
     __syncthreads();
 
-    // A: ∂z of the 16 tokens (rows past nt and logits past m are zero), split once a tile.
+    // A: ∂z of the 16 tokens (rows past nt and logits past m are zero), split once.
     uint32_t a_hi[KS][4], a_lo[KS][4];
 #pragma unroll
     for (int st = 0; st < KS; ++st) {
@@ -234,103 +207,87 @@ __global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
                    live && cl + 1 < m ? s.dz[row][cl + 1] : 0.0f, a_hi[st][r], a_lo[st][r]);
       }
     }
-    const T* x = x_all + t0 * K;
-    T* dx = a.out<T>(kGradX) + t0 * K;
-    const float sc = s.scale[te][0], k_u = s.scale[te][1], dr = s.scale[te][2];
-
+    // ∂z·φᵀ of every stream into the warp's tiles, a stream at a time (unrolled over
+    // streams, the φ loads of all of them were issued together: 160 registers).
 #pragma unroll 1
-    for (int64_t step = 0; step < steps; ++step) {
-      const int64_t c_lo = step * kDxStep + warp * kDxCols, c = c_lo + col;
-      const bool row_live = te < nt && c < C;  // C is a multiple of VEC
-      // ∂z·φᵀ of every stream into the warp's tiles, a stream at a time (unrolled over
-      // streams, the φ loads of all of them are issued together: registers).
-#pragma unroll 1
-      for (int j = 0; j < n; ++j) {
-        const int64_t kb = int64_t(j) * C + c_lo;
+    for (int j = 0; j < n; ++j) {
+      const int64_t kb = int64_t(j) * C + c_lo;
 #pragma unroll
-        for (int nb = 0; nb < kDxCols / 8; ++nb) {
-          const bool live = c_lo + nb * 8 + g < C;
-          float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          dz_phi_n8<KS, PAIRS>(phi + (live ? kb + nb * 8 + g : int64_t(0)) * m, m, live, c2, a_hi,
-                               a_lo, d);
-          *reinterpret_cast<float2*>(&tile[j][g][nb * 8 + c2]) = make_float2(d[0], d[1]);
-          *reinterpret_cast<float2*>(&tile[j][g + 8][nb * 8 + c2]) = make_float2(d[2], d[3]);
+      for (int nb = 0; nb < kDxCols / 8; ++nb) {
+        const bool live = c_lo + nb * 8 + g < C;
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        dz_phi_n8<KS, PAIRS>(phi + (live ? kb + nb * 8 + g : int64_t(0)) * m, m, live, c2, a_hi,
+                             a_lo, d);
+        *reinterpret_cast<float2*>(&tile[j][g][nb * 8 + c2]) = make_float2(d[0], d[1]);
+        *reinterpret_cast<float2*>(&tile[j][g + 8][nb * 8 + c2]) = make_float2(d[2], d[3]);
+      }
+    }
+    sync_warp();
+
+    // Epilogue: VEC consecutive c of one token a lane.
+    const T* x = a.in<T>(kX) + t0 * K;
+    const T* gr = a.in<T>(kGradOut) + t0 * K;
+    T* dx = a.out<T>(kGradX) + t0 * K;
+#pragma unroll 1
+    for (int i = 0; i < TM / kRowsPerPass; ++i) {
+      const int t = lane / kLanesPerRow + i * kRowsPerPass;
+      if (t >= nt || !lane_live) break;
+      // x and G stay packed (16-bit) until used: 4n registers, not 8n floats.
+      Pack<T, VEC> xp[NB], gp[NB];
+#pragma unroll
+      for (int j = 0; j < NB; ++j) {
+        if (j < n) {
+          xp[j] = load_raw_ro<T, VEC>(x + t * K + j * C + c);
+          gp[j] = load_raw_ro<T, VEC>(gr + t * K + j * C + c);
         }
       }
-      sync_warp();
-
-      // Epilogue: VEC consecutive c of one token a lane.
-      float dw[VEC];
+      const float sc = s.scale[t][0], k_u = s.scale[t][1], dr = s.scale[t][2];
+      float du[VEC];
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) dw[v] = 0.0f;
-      async_wait<0>();  // this lane's copies of the step
-      if (row_live) {
-        const int t = te;
-        float wv[VEC];
-#pragma unroll
-        for (int v = 0; v < VEC; v += 4)
-          load_pack<float, 4>(w + c + v, *reinterpret_cast<float(*)[4]>(wv + v));
-        Pack<T, VEC> xp[NB], gp[NB];
+      for (int v = 0; v < VEC; ++v) {
+        float u = 0.0f, dy = 0.0f;  // as the forward and layer_bwd_kernel form them
 #pragma unroll
         for (int j = 0; j < NB; ++j)
-          if (j < n) {
-            xp[j] = *reinterpret_cast<const Pack<T, VEC>*>(staged + j * (TM * kDxCols));
-            gp[j] = *reinterpret_cast<const Pack<T, VEC>*>(staged + (NB + j) * (TM * kDxCols));
-          }
-        float du[VEC];
+          if (j < n) u += s.h_pre[t][j] * to_float(xp[j].v[v]);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          float u = 0.0f, dy = 0.0f;  // as the forward and layer_bwd_kernel form them
-#pragma unroll
-          for (int j = 0; j < NB; ++j)
-            if (j < n) u += s.h_pre[t][j] * to_float(xp[j].v[v]);
-#pragma unroll
-          for (int q = 0; q < NB; ++q)
-            if (q < n) dy += s.h_post[t][q] * to_float(gp[q].v[v]);
-          du[v] = sc * (dy * wv[v]) - u * k_u;
-          dw[v] = dy * u * sc;
-        }
-#pragma unroll
-        for (int j = 0; j < NB; ++j) {
-          if (j >= n) continue;
-          float o[VEC];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) o[v] = 0.0f;
-#pragma unroll
-          for (int q = 0; q < NB; ++q) {
-            if (q >= n) continue;
-            const float h = s.h_res[t][q * n + j];
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) o[v] += h * to_float(gp[q].v[v]);
-          }
-          const float hj = s.h_pre[t][j];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v)
-            o[v] = o[v] + hj * du[v] + tile[j][t][col + v] + dr * to_float(xp[j].v[v]);
-          store_pack<T, VEC>(dx + t * K + j * C + c, o);
-        }
+        for (int q = 0; q < NB; ++q)
+          if (q < n) dy += s.h_post[t][q] * to_float(gp[q].v[v]);
+        du[v] = sc * (dy * wv[v]) - u * k_u;
+        dw[v] += dy * u * sc;
       }
-      // ∂w: the tile's 16 tokens summed in a fixed order, into the block's row (its
-      // columns are this lane's alone in the block).
 #pragma unroll
-      for (int v = 0; v < VEC; ++v)
+      for (int j = 0; j < NB; ++j) {
+        if (j >= n) continue;
+        float o[VEC];
 #pragma unroll
-        for (int o = 1; o < TM; o *= 2) dw[v] += shfl_xor(dw[v], o);
-      if (te == 0 && c < C)
+        for (int v = 0; v < VEC; ++v) o[v] = 0.0f;
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) sdw[c + v] += dw[v];
-      sync_warp();  // the tiles are rewritten by the next step
-      // This lane's stores above used what it read from its staged pieces: they are free.
-      if (step + 1 < steps)
-        copy_step(tl, step + 1);
-      else
-        copy_step(tl + gridDim.x, 0);
+        for (int q = 0; q < NB; ++q) {
+          if (q >= n) continue;
+          const float h = s.h_res[t][q * n + j];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) o[v] += h * to_float(gp[q].v[v]);
+        }
+        const float hj = s.h_pre[t][j];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v)
+          o[v] = o[v] + hj * du[v] + tile[j][t][col + v] + dr * to_float(xp[j].v[v]);
+        store_pack<T, VEC>(dx + t * K + j * C + c, o);
+      }
     }
+    sync_warp();  // the tiles are rewritten by the next token tile
   }
-  async_wait<0>();  // no copy outlives the kernel
-  __syncthreads();
-  float* row = a.out<float>(kGradNormWeight) + int64_t(blockIdx.x) * C;
-  for (int64_t k = threadIdx.x; k < C; k += kThreads) row[k] = sdw[k];
+  // ∂w: the lanes of one column sum their rows in a fixed order, one row a block.
+#pragma unroll
+  for (int v = 0; v < VEC; ++v)
+#pragma unroll
+    for (int o = kLanesPerRow; o < kWarp; o *= 2) dw[v] += shfl_xor(dw[v], o);
+  if (lane < kLanesPerRow && lane_live) {
+    float* row = a.out<float>(kGradNormWeight) + int64_t(blockIdx.x) * C + c;
+#pragma unroll
+    for (int v = 0; v < VEC; v += 4)
+      store_pack<float, 4>(row + v, *reinterpret_cast<float(*)[4]>(dw + v));
+  }
 }
 #endif  // MHC_CUDA
 
@@ -357,8 +314,9 @@ int launch_layer_two_pass(const Args& a, stream_t stream) {
     }
 #if defined(MHC_CUDA)
     if (!a.p[kGradX] || !a.p[kPhi] || !a.p[kScratch] || !a.p[kGradNormWeight]) return kMissingInput;
-    const dim3 grid(unsigned(a.splits < 1 ? 1 : a.splits));
-    const size_t smem = size_t(layer_dx_smem_bytes<two_pass_bound<N>()>(a.hidden));
+    const dim3 grid(unsigned(a.splits < 1 ? 1 : a.splits),
+                    unsigned((a.hidden + kDxChunk - 1) / kDxChunk));
+    const size_t smem = size_t(layer_dx_smem_bytes<two_pass_bound<N>()>());
     const bool pairs = num_logits(a.n) % 2 == 0 && aligned_to(a.p[kPhi], 8);
     if constexpr (N == 0) {
       return pairs
