@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# On the device machine, in one call: the working tree's kernels against each patch named
+# (e.g. notes/patches/*.patch), each patch applied alone to the working tree. For each form:
+# the build (incremental after the first: only what a patch touches is rebuilt), the GPU
+# tests named by AB_TESTS, profile_ops.py's kernel table and projection_paths.py, logged
+# under $OUT/<form>/; the lines that compare them at the end. Timings compare only within
+# this one call on this one card; the working tree runs again last (AB_KEPT_AGAIN=0: not),
+# since a call's later runs have measured 3-12% slower on unchanged kernels (scripts/ab.sh).
+# (scripts/ab.sh compares against a commit instead.)
+#   bash scripts/ab_patches.sh notes/patches/a.patch notes/patches/b.patch
+set -uo pipefail
+source "$(dirname "$0")/device_env.sh"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+export PYTHONUNBUFFERED=1
+TESTS=${AB_TESTS:-tests/gpu/test_layer_two_pass.py}
+
+run_form() { # name
+  local dir="$OUT/$1" t0
+  mkdir -p "$dir"
+  t0=$(date +%s)
+  python3 build.py --arch sm_90 -j "$(nproc)" 2>&1 | tail -2 >"$dir/build.log"
+  echo "$1: build $(($(date +%s) - t0)) s"
+  # shellcheck disable=SC2086
+  timeout 300 python3 -m pytest -m gpu -q -x -p no:cacheprovider $TESTS >"$dir/tests.log" 2>&1
+  echo "$1: tests rc $? ($(tail -1 "$dir/tests.log"))"
+  timeout 90 python3 benchmarks/profile_ops.py >"$dir/profile.log" 2>&1
+  timeout 90 python3 benchmarks/projection_paths.py --rounds 1 >"$dir/paths.log" 2>&1
+  # The kernels of the dynamic backward, and the fwd+bwd rows.
+  grep -E "layer_bwd|pre_bwd|coeffs_thread" "$dir/profile.log" | awk '{print "  " $1, $2, $(NF-1)}'
+  grep "fwd+bwd" "$dir/paths.log" | sed 's/^/  /'
+}
+
+run_form kept
+for patch in "$@"; do
+  name=$(basename "$patch" .patch)
+  if git apply "$patch" 2>/dev/null || patch -p1 --forward -s <"$patch"; then
+    run_form "$name"
+    git apply -R "$patch" 2>/dev/null || patch -p1 -R -s <"$patch"
+  else
+    echo "$name: does not apply"
+  fi
+done
+[ "${AB_KEPT_AGAIN:-1}" = 1 ] && [ $# -gt 0 ] && run_form kept_again
+# The device tool returns at most eight files: all but gpu.txt and earlier archives (a
+# gpu_stages.sh call before this one in the same command) in one archive.
+(cd "$OUT" && tar czf /tmp/ab.tgz --exclude gpu.txt --exclude '*.tgz' . &&
+  find . -mindepth 1 ! -name gpu.txt ! -name '*.tgz' -delete && mv /tmp/ab.tgz ab.tgz)
