@@ -195,18 +195,9 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
     }
     __syncthreads();
 
-    // A: ∂z of the 16 tokens (rows past nt and logits past m are zero), split once.
+    // A: ∂z of the 16 tokens, split once a tile.
     uint32_t a_hi[KS][4], a_lo[KS][4];
-#pragma unroll
-    for (int st = 0; st < KS; ++st) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int row = g + (r & 1) * 8, cl = 16 * st + c2 + (r >> 1) * 8;
-        const bool live = row < nt;
-        split_pair(live && cl < m ? s.dz[row][cl] : 0.0f,
-                   live && cl + 1 < m ? s.dz[row][cl + 1] : 0.0f, a_hi[st][r], a_lo[st][r]);
-      }
-    }
+    dz_fragments<KS>(s.dz, nt, m, g, c2, a_hi, a_lo);
     // ∂z·φᵀ of every stream into the warp's tiles, a stream at a time (unrolled over
     // streams, the φ loads of all of them were issued together: 160 registers).
 #pragma unroll 1

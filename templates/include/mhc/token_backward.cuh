@@ -560,6 +560,22 @@ constexpr int kMmaTokens = 16;             // the m16 of the tile
 constexpr int kMmaK = 64;                  // c per warp and pass: eight n8 tiles
 constexpr int kMmaChunk = kWarps * kMmaK;  // c per block (grid.y splits C)
 
+// The A fragments (m16 × k16, KS k-steps) of 16 tokens' ∂z (rows dz[t][·] in shared
+// memory), split into bf16 hi + lo; rows past nt and logits past m are zero.
+template <int KS, int LD>
+MHC_DEV void dz_fragments(const float (*dz)[LD], int nt, int m, int g, int c2,
+                          uint32_t (&a_hi)[KS][4], uint32_t (&a_lo)[KS][4]) {
+#pragma unroll
+  for (int st = 0; st < KS; ++st)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = g + (r & 1) * 8, col = 16 * st + c2 + (r >> 1) * 8;
+      const bool live = row < nt;
+      split_pair(live && col < m ? dz[row][col] : 0.0f,
+                 live && col + 1 < m ? dz[row][col + 1] : 0.0f, a_hi[st][r], a_lo[st][r]);
+    }
+}
+
 // d += one n8 tile of ∂z·φᵀ for 16 tokens: B is φ[k][q] for this lane's k (column g of
 // the tile; `row` is φ's row k) and logit pairs c2 + 16·st (+ 8), over KS k-steps, as three
 // bf16 products of split operands. `row` exists even where the column is past C (live
@@ -640,17 +656,9 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int g = lane / 4, c2 = 2 * (lane % 4);  // the fragment's row and column pair
-  // A: ∂z of the 16 tokens (rows past nt and logits past m are zero), split once.
+  // A: ∂z of the 16 tokens, split once.
   uint32_t a_hi[KS][4], a_lo[KS][4];
-#pragma unroll
-  for (int st = 0; st < KS; ++st)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = g + (r & 1) * 8, col = 16 * st + c2 + (r >> 1) * 8;
-      const bool live = row < nt;
-      split_pair(live && col < m ? s.in.dz[row][col] : 0.0f,
-                 live && col + 1 < m ? s.in.dz[row][col + 1] : 0.0f, a_hi[st][r], a_lo[st][r]);
-    }
+  dz_fragments<KS>(s.in.dz, nt, m, g, c2, a_hi, a_lo);
 
   const float* phi = a.in<float>(kPhi);  // PAIRS: m even and φ 8-byte aligned (the launcher)
   const T* x = a.in<T>(kX) + t0 * K;
