@@ -97,11 +97,36 @@ def test_sinkhorn_backward_matches_autograd(lib, n, iters, scale, seed):
     b = torch.randn(m, generator=g) * scale
     ups = [torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, n, generator=g)]
     got = torch.empty(m)
-    lib.shim_coefficients_backward(_p(b), n, ctypes.c_float(2.0), iters, ctypes.c_float(1e-6),
+    lib.shim_coefficients_backward(None, ctypes.c_float(1.0), _p(torch.zeros(3)), _p(b), n,
+                                   ctypes.c_float(2.0), iters, ctypes.c_float(1e-6),
                                    *(_p(u) for u in ups), _p(got))  # fmt: skip
     bd = b.double().requires_grad_()
     outs = reference.static_coefficients(bd, n, sinkhorn_iters=iters)
     (want,) = torch.autograd.grad(outs, [bd], [u.double() for u in ups])
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 8), iters=st.sampled_from([0, 3, 20]), seed=st.integers(0, 2**31 - 1))
+def test_dynamic_coefficient_backward_matches_autograd(lib, n, iters, seed):
+    """∂h̃ of H from logits α·z/r + b (the dynamic H), against float64 autograd through the
+    logits, with some upstream ∂H absent (null: zero)."""
+    g = torch.Generator().manual_seed(seed)
+    m = reference.num_logits(n)
+    z, b = torch.randn(m, generator=g), torch.randn(m, generator=g)
+    r, alpha = float(torch.rand((), generator=g)) + 0.5, torch.rand(3, generator=g) + 0.1
+    ups = [torch.randn(n, generator=g), None, torch.randn(n, n, generator=g)]
+    got = torch.empty(m)
+    up_ptrs = [None if u is None else _p(u) for u in ups]
+    lib.shim_coefficients_backward(_p(z), ctypes.c_float(r), _p(alpha), _p(b), n,
+                                   ctypes.c_float(2.0), iters, ctypes.c_float(1e-6), *up_ptrs,
+                                   _p(got))  # fmt: skip
+    a = alpha.double()
+    scale = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
+    logits = (scale * z.double() / r + b.double()).requires_grad_()
+    outs = reference.coefficients_from_logits(logits, n, sinkhorn_iters=iters)
+    grads = [u.double() if u is not None else torch.zeros(n, dtype=torch.float64) for u in ups]
+    (want,) = torch.autograd.grad(outs, [logits], grads)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 

@@ -25,37 +25,17 @@ void shim_coefficients(const float* z, float r, const float* alpha, const float*
   }
 }
 
-// ∂h̃ of one static H (logits = bias) from upstream ∂H: the forward recomputed
-// with its divisors recorded, then the iterations walked back (as the GPU does).
-void shim_coefficients_backward(const float* bias, int n, float post_mult, int iters, float eps_sk,
+// ∂h̃ of one token's H from upstream ∂H: its logits from z (null: static H, logits =
+// bias), the forward recomputed with its divisors recorded, then the iterations walked back
+// (token_coefficients_backward, which the GPU's thread form runs as it is).
+void shim_coefficients_backward(const float* z, float r, const float* alpha, const float* bias,
+                                int n, float post_mult, int iters, float eps_sk,
                                 const float* grad_h_pre, const float* grad_h_post,
                                 const float* grad_h_res, float* grad_logits) {
   float h_pre[32], h_post[32], M[32 * 32], dM[32 * 32], div[2 * 64 * 32];
-  const float alpha[3] = {0.0f, 0.0f, 0.0f};
-  float max_logit = -__builtin_inff();
-  for (int i = 0; i < n; ++i) {
-    const float m =
-        mhc::coefficient_row(i, n, nullptr, 1.0f, alpha, bias, post_mult, h_pre, h_post, M, n);
-    max_logit = max_logit > m ? max_logit : m;
-  }
-  for (int i = 0; i < n; ++i) mhc::sinkhorn_exp_row(M, n, n, i, max_logit);
-  for (int it = 0; it < iters; ++it) {
-    for (int j = 0; j < n; ++j) div[(2 * it) * n + j] = mhc::sinkhorn_col_step(M, n, n, j, eps_sk);
-    for (int i = 0; i < n; ++i)
-      div[(2 * it + 1) * n + i] = mhc::sinkhorn_row_step(M, n, n, i, eps_sk);
-  }
-  for (int k = 0; k < n * n; ++k) dM[k] = grad_h_res[k];
-  for (int it = iters - 1; it >= 0; --it) {
-    for (int i = 0; i < n; ++i)
-      mhc::sinkhorn_row_step_bwd(M, dM, n, n, i, div[(2 * it + 1) * n + i]);
-    for (int j = 0; j < n; ++j) mhc::sinkhorn_col_step_bwd(M, dM, n, n, j, div[(2 * it) * n + j]);
-  }
-  for (int i = 0; i < n; ++i) {
-    mhc::sinkhorn_exp_row_bwd(M, dM, n, n, i);
-    grad_logits[i] = mhc::pre_gate_bwd(grad_h_pre[i], h_pre[i]);
-    grad_logits[n + i] = mhc::post_gate_bwd(grad_h_post[i], h_post[i], post_mult);
-    for (int j = 0; j < n; ++j) grad_logits[2 * n + i * n + j] = dM[i * n + j];
-  }
+  mhc::token_coefficients_backward(n, z, r, alpha, bias, post_mult, iters, eps_sk, grad_h_pre,
+                                   grad_h_post, grad_h_res, h_pre, h_post, M, dM, n, div,
+                                   grad_logits);
 }
 
 void shim_bf16_round(const float* in, float* out, int count) {

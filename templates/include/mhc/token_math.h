@@ -106,4 +106,40 @@ MHC_HD float post_gate_bwd(float grad_h, float h, float post_mult) {
   return grad_h * h * (1.0f - h / post_mult);
 }
 
+// One token's coefficient backward, sequentially (one thread; the warp form,
+// coefficients_backward in token_backward.cuh, runs the same steps with lane i on row i
+// or column i, so each value is bitwise the same): the forward recomputed from the logits
+// (z null: static H from the bias) with every Sinkhorn step's divisors kept in div
+// (2·iters·n floats), then the iterations walked back. grad_h_* are the upstream ∂H, any
+// may be null (zero). h_pre, h_post [n] and M, dM [n rows, leading dim ld] are the
+// caller's scratch; on return h_pre, h_post hold H and dlogits [n² + 2n] holds ∂h̃.
+MHC_HD void token_coefficients_backward(int n, const float* z, float r, const float* alpha,
+                                        const float* bias, float post_mult, int iters, float eps_sk,
+                                        const float* grad_h_pre, const float* grad_h_post,
+                                        const float* grad_h_res, float* h_pre, float* h_post,
+                                        float* M, float* dM, int ld, float* div, float* dlogits) {
+  float max_logit = -__builtin_inff();
+  for (int i = 0; i < n; ++i) {
+    const float row_max = coefficient_row(i, n, z, r, alpha, bias, post_mult, h_pre, h_post, M, ld);
+    max_logit = max_logit > row_max ? max_logit : row_max;
+  }
+  for (int i = 0; i < n; ++i) sinkhorn_exp_row(M, ld, n, i, max_logit);
+  for (int it = 0; it < iters; ++it) {
+    for (int j = 0; j < n; ++j) div[(2 * it) * n + j] = sinkhorn_col_step(M, ld, n, j, eps_sk);
+    for (int i = 0; i < n; ++i) div[(2 * it + 1) * n + i] = sinkhorn_row_step(M, ld, n, i, eps_sk);
+  }
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) dM[i * ld + j] = grad_h_res ? grad_h_res[i * n + j] : 0.0f;
+  for (int it = iters - 1; it >= 0; --it) {
+    for (int i = 0; i < n; ++i) sinkhorn_row_step_bwd(M, dM, ld, n, i, div[(2 * it + 1) * n + i]);
+    for (int j = 0; j < n; ++j) sinkhorn_col_step_bwd(M, dM, ld, n, j, div[(2 * it) * n + j]);
+  }
+  for (int i = 0; i < n; ++i) {
+    sinkhorn_exp_row_bwd(M, dM, ld, n, i);
+    dlogits[i] = pre_gate_bwd(grad_h_pre ? grad_h_pre[i] : 0.0f, h_pre[i]);
+    dlogits[n + i] = post_gate_bwd(grad_h_post ? grad_h_post[i] : 0.0f, h_post[i], post_mult);
+    for (int j = 0; j < n; ++j) dlogits[2 * n + i * n + j] = dM[i * ld + j];
+  }
+}
+
 }  // namespace mhc
