@@ -101,6 +101,8 @@ enum Status : int {
   kBadHidden = 10001,     // hidden differs from the variant's compiled hidden
   kBadN = 10002,          // n differs from the variant's compiled n, or n > 32
   kMissingInput = 10003,  // a pointer this call needs is null
+  kUnsupported = 10004,   // the variant has no kernel for this call (its dtype, n, C or a
+                          // pointer's alignment): the caller checks first
 };
 
 using Launcher = int (*)(const Args&);

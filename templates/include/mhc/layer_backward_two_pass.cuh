@@ -283,20 +283,21 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
 #endif  // MHC_CUDA
 
 // The two-pass kernels of launch_layer_backward: the sums (kLayerScale out, no ∂x), or
-// the ∂x pass (kGradZ in: pre's token kernel ran between them). Null where the variant
-// cannot run them (the caller, mhc_gen/gpu.py, checks first: a status, not a fallback).
+// the ∂x pass (kGradZ in: pre's token kernel ran between them). kUnsupported where the
+// variant cannot run them (the caller, mhc_gen/gpu.py, checks first: a status, not a
+// fallback).
 template <typename T, int N, int HIDDEN>
 int launch_layer_two_pass(const Args& a, stream_t stream) {
   if constexpr (N > kTwoPassMaxN || sizeof(T) != 2) {
-    return kBadN;
+    return kUnsupported;
   } else {
-    if (a.n > kTwoPassMaxN || a.hidden % (16 / int(sizeof(T))) != 0) return kBadN;
+    if (a.n > kTwoPassMaxN || a.hidden % (16 / int(sizeof(T))) != 0) return kUnsupported;
     if (!a.p[kHPreIn] || !a.p[kHPostIn] || !a.p[kHResIn] || !a.p[kLayerScale] || !a.p[kX] ||
         !a.p[kGradOut] || !a.p[kNormWeight])
       return kMissingInput;
     if (!aligned_to(a.p[kX], 16) || !aligned_to(a.p[kGradOut], 16) ||
         !aligned_to(a.p[kNormWeight], 16) || !aligned_to(a.p[kGradX], 16))
-      return kMissingInput;
+      return kUnsupported;
     if (!a.p[kGradZ]) {
       if (!a.p[kGradHPre] || !a.p[kGradHPost] || !a.p[kGradHRes]) return kMissingInput;
       const unsigned blocks = unsigned((a.tokens + kWarps - 1) / kWarps);
@@ -316,11 +317,11 @@ int launch_layer_two_pass(const Args& a, stream_t stream) {
                                     a);
     } else {
       constexpr bool kPairs = num_logits(N) % 2 == 0;
-      if (pairs != kPairs) return kMissingInput;  // even m with φ misaligned: a view
+      if (pairs != kPairs) return kUnsupported;  // even m with φ misaligned: a view
       return launch_with_smem(layer_bwd_dx_kernel<T, N, HIDDEN, kPairs>, grid, smem, stream, a);
     }
 #else
-    return kMissingInput;  // the ∂x pass is tensor-core code: CUDA only
+    return kUnsupported;  // the ∂x pass is tensor-core code: CUDA only
 #endif
   }
 }
