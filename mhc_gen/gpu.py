@@ -617,7 +617,7 @@ def _two_pass_backward(grad, x, weight, phi) -> bool:
         and c % 8 == 0
         and all(v.data_ptr() % 16 == 0 for v in (x, grad, weight))
         and (m % 2 == 1 or phi.data_ptr() % 8 == 0)
-        and t >= _TWO_PASS_MIN_TOKENS
+        and t >= max(1, _TWO_PASS_MIN_TOKENS)  # no tokens: the ∂w rows would stay unwritten
     )
 
 

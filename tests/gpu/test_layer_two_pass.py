@@ -118,4 +118,5 @@ def test_two_pass_gate():
         assert not case(n=5)
         assert not case(c=60)
         assert not case(offset=1)
+        assert not case(t=0)  # nothing to sum: the one-kernel path's zeros
     assert not case()  # 8 tokens: below the threshold
