@@ -97,6 +97,27 @@ def test_two_pass_gradients_at_model_sizes(n, c, t):
         assert_close(g, want.grad, f"d{what}", tol=GRAD_TOLERANCES[torch.bfloat16])
 
 
+@pytest.mark.parametrize(("n", "c", "t"), [(4, 512, 100), (2, 1000, 47), (3, 264, 129)])
+def test_two_pass_blocks_walking_many_tiles(n, c, t):
+    """The ∂x kernel's blocks each taking several 16-token tiles in turn (its grid sized as
+    for a one-SM GPU), as they do from 4096 tokens on a real one: the ∂w partials summed
+    over the tiles, the scalars and tiles reused."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    x, w, phi, alpha, b, grad = _inputs(t, n, c, torch.bfloat16, 5 * n + c + t)
+    ref = [v.double().requires_grad_(True) for v in (x, w, phi, alpha, b)]
+    reference.layer_dynamic(*ref).backward(grad.double())
+    with mock.patch.object(gpu, "_sm_count", lambda device: 1):
+        assert gpu._layer_dx_splits(t, c, None) < -(-t // 16)
+        with poisoned_outputs():
+            first = _gradients(x, w, phi, alpha, b, grad)
+            second = _gradients(x, w, phi, alpha, b, grad)
+    for got, again, want, what in zip(first, second, ref, ("x", "w", "phi", "alpha", "b"),
+                                      strict=True):  # fmt: skip
+        assert bitwise_equal(got, again), f"d{what}: a second run differs bitwise"
+        assert_close(got, want.grad, f"d{what}", tol=GRAD_TOLERANCES[torch.bfloat16])
+
+
 def test_two_pass_gate():
     """It runs only where its kernels serve: CUDA, 16-bit x, n ≤ 4, C a multiple of 8,
     16-byte aligned x, G and w, enough tokens."""
