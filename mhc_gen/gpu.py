@@ -460,18 +460,27 @@ def _dx_by_gemm(x, grad_u, dz, phi, scratch, iters, grad_x_in):
     return dx
 
 
+def _pre_token_grad_buffers(t: int, n: int, iters: int, device) -> tuple:
+    """The per-token outputs of pre's token kernel (fp32): ∂h̃ and ∂z [T, m], ∂α [T, 3],
+    and the scratch rows (the Sinkhorn divisors, then H_pre and ∂r for the ∂x kernels)."""
+    m = reference.num_logits(n)
+    f32 = torch.float32
+    return (
+        empty((t, m), f32, device),
+        empty((t, m), f32, device),
+        empty((t, 3), f32, device),
+        empty((t, 2 * max(iters, 1) * n), f32, device),
+    )
+
+
 def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, phi, alpha, b,
                          iters, eps_rms, eps_sk, post_mult, grad_x_in=None):  # fmt: skip
     """(∂x, ∂φ, ∂α, ∂b) of the dynamic pre (or, with grad_u None, of the coefficients);
     grad_x_in, a ∂x from another path, is added to ∂x in the same pass."""
     t, n, c = _dims(x)
-    m = reference.num_logits(n)
     gemm = _gemm_dz_phi(x, n)
     dx = None if gemm else empty(x.shape, x.dtype, x.device)
-    dlogits = empty((t, m), torch.float32, x.device)
-    dz = empty((t, m), torch.float32, x.device)
-    dalpha_tok = empty((t, 3), torch.float32, x.device)
-    scratch = empty((t, 2 * max(iters, 1) * n), torch.float32, x.device)
+    dlogits, dz, dalpha_tok, scratch = _pre_token_grad_buffers(t, n, iters, x.device)
     if t:
         launch(Op.PRE_BWD_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
@@ -634,7 +643,6 @@ def _layer_backward_two_pass(grad, x, weight, phi, alpha, b, z, r, iters, eps_rm
     saved z and r; the sums (∂H and the RMSNorm's s, k per token); pre's token kernel (∂z,
     ∂r, ∂α, ∂h̃); ∂x and the ∂w partials; ∂φ."""
     t, n, c = _dims(x)
-    m = reference.num_logits(n)
     dev, f32 = x.device, torch.float32
     h = _coefficients_from(z, r, alpha, b, n, iters, eps_sk, post_mult)
     dh_pre, dh_post, dh_res = (empty((t, n), f32, dev), empty((t, n), f32, dev),
@@ -645,9 +653,7 @@ def _layer_backward_two_pass(grad, x, weight, phi, alpha, b, z, r, iters, eps_rm
     launch(Op.LAYER_BWD_DYN, dev, DTYPES[x.dtype], **common, x=x, grad_out=grad,
            norm_weight=weight, grad_h_pre=dh_pre, grad_h_post=dh_post, grad_h_res=dh_res,
            layer_scale=scale, **h)  # fmt: skip
-    dlogits, dz = empty((t, m), f32, dev), empty((t, m), f32, dev)
-    dalpha_tok = empty((t, 3), f32, dev)
-    scratch = empty((t, 2 * max(iters, 1) * n), f32, dev)
+    dlogits, dz, dalpha_tok, scratch = _pre_token_grad_buffers(t, n, iters, dev)
     launch(Op.PRE_BWD_DYN, dev, DTYPES[x.dtype], **common, x=x, phi=phi, alpha=alpha,
            bias=b, grad_h_pre_in=dh_pre, grad_h_post_in=dh_post, grad_h_res_in=dh_res,
            z_in=z, r_in=r, grad_logits=dlogits, grad_z=dz, grad_alpha_tok=dalpha_tok,

@@ -39,6 +39,13 @@ def _coefficients(lib, z, r, alpha, b, n, iters, eps_sk=1e-6, post_mult=2.0):
     return h_pre, h_post, h_res
 
 
+def _logits(z, r, alpha, b, n):
+    """h̃ = α·z/r + b in float64, α by group (pre, post, res)."""
+    a = alpha.double()
+    scale = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
+    return scale * z.double() / r + b.double()
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 32),
@@ -54,10 +61,7 @@ def test_dynamic_epilogue_matches_reference(lib, n, iters, scale, seed):
     alpha = torch.rand(3, generator=g) + 0.01
     b = torch.randn(m, generator=g)
     got = _coefficients(lib, z, r, alpha, b, n, iters)
-    a = alpha.double()
-    scale_vec = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
-    logits = scale_vec * z.double() / r + b.double()
-    want = reference.coefficients_from_logits(logits, n, sinkhorn_iters=iters)
+    want = reference.coefficients_from_logits(_logits(z, r, alpha, b, n), n, sinkhorn_iters=iters)
     for gv, wv in zip(got, want, strict=True):
         torch.testing.assert_close(gv.double(), wv, rtol=2e-5, atol=2e-6)
 
@@ -121,9 +125,7 @@ def test_dynamic_coefficient_backward_matches_autograd(lib, n, iters, seed):
     lib.shim_coefficients_backward(_p(z), ctypes.c_float(r), _p(alpha), _p(b), n,
                                    ctypes.c_float(2.0), iters, ctypes.c_float(1e-6), *up_ptrs,
                                    _p(got))  # fmt: skip
-    a = alpha.double()
-    scale = torch.cat([a[0].expand(n), a[1].expand(n), a[2].expand(n * n)])
-    logits = (scale * z.double() / r + b.double()).requires_grad_()
+    logits = _logits(z, r, alpha, b, n).requires_grad_()
     outs = reference.coefficients_from_logits(logits, n, sinkhorn_iters=iters)
     grads = [u.double() if u is not None else torch.zeros(n, dtype=torch.float64) for u in ups]
     (want,) = torch.autograd.grad(outs, [logits], grads)
