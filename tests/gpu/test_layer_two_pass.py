@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mhc_gen
-from generator.spec import Op, parse
+from generator.spec import DType, Op, parse
 from mhc_gen import gpu, reference
 from mhc_gen._launch import forced_variant, poisoned_outputs
 from mhc_gen.testing import GRAD_TOLERANCES, assert_close, bitwise_equal
@@ -141,3 +141,47 @@ def test_two_pass_gate():
         assert not case(offset=1)
         assert not case(t=0)  # nothing to sum: the one-kernel path's zeros
     assert not case()  # 8 tokens: below the threshold
+
+
+@pytest.mark.parametrize("iters", [20, 3, 0])
+def test_token_kernel_forms_are_bitwise_equal(iters):
+    """Pre's token kernel with no ∂u (as the layer's backward runs it): the compile-time-n
+    variants (a token a thread) against the run-time-n variant (a warp a token), bitwise."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    names = [k for k in mhc_gen.kernels() if k.startswith("pre_bwd_dyn_n") and "_bf16_" in k]
+    generic = next(k for k in names if parse(k).n is None and parse(k).hidden is None)
+    compiled = [k for k in names if (parse(k).n or 99) <= 8 and parse(k).hidden is None]
+    assert compiled, "no compile-time-n variant to compare"
+    for name in compiled:
+        n, t, c = parse(name).n, 1000, 64
+        m = reference.num_logits(n)
+        g = torch.Generator().manual_seed(n + iters)
+        # Logits |α·z/r| up to ≈ 10: far past that, Sinkhorn's divisors reach eps and its
+        # backward overflows to NaN in either form (seen at 400: z ~ 40, r ~ 0.1).
+        z = (
+            torch.randn(t, m, generator=g) * 10 ** torch.randint(-2, 1, (t, 1), generator=g)
+        ).cuda()
+        r = (torch.rand(t, generator=g) + 0.5).cuda()
+        alpha, b = torch.tensor([1.0, 0.8, 1.2]).cuda(), torch.randn(m, generator=g).cuda()
+        ups = [torch.randn(t, *s, generator=g).cuda() for s in ((n,), (n,), (n, n))]
+        outs = []
+        for variant in (name, generic):
+            with forced_variant(variant), poisoned_outputs():
+                dl, dz = (
+                    gpu.empty((t, m), torch.float32, z.device),
+                    gpu.empty((t, m), torch.float32, z.device),
+                )
+                da = gpu.empty((t, 3), torch.float32, z.device)
+                sc = gpu.empty((t, 2 * max(iters, 1) * n), torch.float32, z.device)
+                gpu.launch(Op.PRE_BWD_DYN, z.device, DType.BF16, n=n, hidden=c, tokens=t,
+                           sinkhorn_iters=iters, eps_sk=1e-6, post_mult=2.0, alpha=alpha, bias=b,
+                           grad_h_pre_in=ups[0], grad_h_post_in=ups[1], grad_h_res_in=ups[2],
+                           z_in=z, r_in=r, grad_logits=dl, grad_z=dz, grad_alpha_tok=da,
+                           scratch=sc)  # fmt: skip
+            outs.append((dl, dz, da, sc[:, : n + 1]))
+        for what, first, second in zip(
+            ("dlogits", "dz", "dalpha", "H_pre, dr"), *outs, strict=True
+        ):
+            assert not first.isnan().any(), f"{name}: {what} not written"
+            assert bitwise_equal(first, second), f"{name}: {what} differs from the warp form"

@@ -537,6 +537,73 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_gemm_kernel(Args a) {
   }
 }
 
+// Pre's token kernel a token a thread where there is no ∂u to reduce (the dynamic layer's
+// backward hands ∂H_pre in): compile-time n ≤ kThreadCoeffsMaxN, at most kThreadBwdMaxIters
+// Sinkhorn iterations (their divisors in local memory). Bitwise the warp form's outputs: the
+// same steps (token_coefficients_backward), and ∂α summed in the warp form's order (lane
+// l's logits l, l + 32, … ascending, then the shuffle tree, emulated). The warp form keeps
+// 28 of 32 lanes idle at n = 4 (0.130 ms for 16,384 tokens).
+constexpr int kThreadBwdMaxIters = 32;
+
+template <int N>
+__global__ void __launch_bounds__(kThreadCoeffsBlock) pre_bwd_token_thread_kernel(Args a) {
+  constexpr int m = num_logits(N);
+  const int64_t tok = int64_t(blockIdx.x) * kThreadCoeffsBlock + threadIdx.x;
+  if (tok >= a.tokens) return;
+  float z[m], h_pre[N], h_post[N], M[N * N], dM[N * N], dl[m];
+  float div[2 * kThreadBwdMaxIters * N];
+#pragma unroll
+  for (int k = 0; k < m; ++k) z[k] = a.in<float>(kZIn)[tok * m + k];
+  const float r = a.in<float>(kRIn)[tok];
+  // ∂H_pre: the warp form's ⟨∂u, x⟩ (zero: no ∂u) plus the upstream one, as it adds them.
+  float ghp[N];
+  const float* ext = a.in<float>(kGradHPreIn);
+  float* dh_pre = a.out<float>(kGradHPre);
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    if (dh_pre) dh_pre[tok * N + j] = 0.0f;
+    ghp[j] = ext ? 0.0f + ext[tok * N + j] : 0.0f;
+  }
+  const float* ghq = a.in<float>(kGradHPostIn);
+  const float* ghr = a.in<float>(kGradHResIn);
+  const float* alpha = a.in<float>(kAlpha);
+  token_coefficients_backward(N, z, r, alpha, a.in<float>(kBias), a.post_mult, a.sinkhorn_iters,
+                              a.eps_sk, ghp, ghq ? ghq + tok * N : nullptr,
+                              ghr ? ghr + tok * N * N : nullptr, h_pre, h_post, M, dM, N, div, dl);
+  float* dz_out = a.out<float>(kGradZ);
+  float da[3];
+#pragma unroll
+  for (int grp = 0; grp < 3; ++grp) {
+    float part[kWarp];  // lane l's sum in the warp form
+#pragma unroll
+    for (int l = 0; l < kWarp; ++l) part[l] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < m; ++k) {
+      if ((k < N ? 0 : (k < 2 * N ? 1 : 2)) != grp) continue;
+      part[k % kWarp] += dl[k] * z[k] / r;
+    }
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o /= 2)
+#pragma unroll
+      for (int l = 0; l < o; ++l) part[l] += part[l + o];
+    da[grp] = part[0];
+  }
+#pragma unroll
+  for (int k = 0; k < m; ++k) {
+    const int grp = k < N ? 0 : (k < 2 * N ? 1 : 2);
+    a.out<float>(kGradLogits)[tok * m + k] = dl[k];
+    if (dz_out) dz_out[tok * m + k] = alpha[grp] * dl[k] / r;
+  }
+  float* scratch = a.out<float>(kScratch) + tok * scratch_row(a, N);
+#pragma unroll
+  for (int j = 0; j < N; ++j) scratch[j] = h_pre[j];
+  const float dr = -(alpha[0] * da[0] + alpha[1] * da[1] + alpha[2] * da[2]) / r;
+  scratch[N] = dr / (float(int64_t(N) * a.hidden) * r);
+  if (float* dat = a.out<float>(kGradAlphaTok))
+#pragma unroll
+    for (int grp = 0; grp < 3; ++grp) dat[tok * 3 + grp] = da[grp];
+}
+
 #if defined(MHC_CUDA)
 // ∂x on tensor cores (CUDA, n ≤ 8): ∂z·φᵀ for 16 tokens as mma.sync m16n8k16 products
 // of bf16 operands split into hi + lo (∂z·φᵀ ≈ ∂z_hi·φ_hi + ∂z_hi·φ_lo + ∂z_lo·φ_hi, fp32
@@ -891,15 +958,25 @@ int launch_pre_backward(const Args& a, stream_t stream) {
       return kOk;
     }
     if (a.p[kGradX] && !a.p[kGradZ]) return kMissingInput;  // the ∂x kernel reads ∂z
-    constexpr int W = pre_token_warps<n_bound<N>()>();
-    const unsigned token_blocks = unsigned((a.tokens + W - 1) / W);
-    constexpr int TV = 16 / int(sizeof(T));  // 16-byte loads of x and ∂u
-    const bool token_vec =
-        a.hidden % TV == 0 && aligned_to(a.p[kX], 16) && aligned_to(a.p[kGradOut], 16);
-    if (token_vec)
-      pre_bwd_token_kernel<T, N, HIDDEN, TV><<<token_blocks, W * kWarp, 0, stream>>>(a);
-    else
-      pre_bwd_token_kernel<T, N, HIDDEN, 1><<<token_blocks, W * kWarp, 0, stream>>>(a);
+    bool by_thread = false;
+    if constexpr (N > 0 && N <= kThreadCoeffsMaxN) {
+      by_thread = !a.p[kGradOut] && a.sinkhorn_iters <= kThreadBwdMaxIters;
+      if (by_thread) {
+        const unsigned grid = unsigned((a.tokens + kThreadCoeffsBlock - 1) / kThreadCoeffsBlock);
+        pre_bwd_token_thread_kernel<N><<<grid, kThreadCoeffsBlock, 0, stream>>>(a);
+      }
+    }
+    if (!by_thread) {
+      constexpr int W = pre_token_warps<n_bound<N>()>();
+      const unsigned token_blocks = unsigned((a.tokens + W - 1) / W);
+      constexpr int TV = 16 / int(sizeof(T));  // 16-byte loads of x and ∂u
+      const bool token_vec =
+          a.hidden % TV == 0 && aligned_to(a.p[kX], 16) && aligned_to(a.p[kGradOut], 16);
+      if (token_vec)
+        pre_bwd_token_kernel<T, N, HIDDEN, TV><<<token_blocks, W * kWarp, 0, stream>>>(a);
+      else
+        pre_bwd_token_kernel<T, N, HIDDEN, 1><<<token_blocks, W * kWarp, 0, stream>>>(a);
+    }
     if (!a.p[kGradX]) return kOk;  // the caller forms ∂x with a GEMM from ∂z
 #if defined(MHC_CUDA)
     if constexpr (N <= kMmaMaxN) {  // N = 0 (any n): a.n decides
