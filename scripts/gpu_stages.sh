@@ -57,9 +57,11 @@ for s in "$@"; do
   paths) TAIL_LINES=${TAIL_LINES:-20} stage paths 120 python3 benchmarks/projection_paths.py --rounds 1 ;;
   ncu)
     # One launch of each kernel matching NCU_KERNELS: bandwidth, occupancy, stall reasons.
+    # NCU_ARGS in place of the sections, e.g. "--set full --print-details all".
+    # shellcheck disable=SC2086
     stage ncu 150 ncu --kernel-name "regex:${NCU_KERNELS:-pre_bwd|projection|token_kernel}" \
-      --launch-count "${NCU_COUNT:-4}" --section SpeedOfLight --section Occupancy \
-      --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --launch-count "${NCU_COUNT:-4}" ${NCU_ARGS:---section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis} \
       python3 benchmarks/profile_ops.py --no-profiler ${PROFILE_ARGS:-}
     ;;
   tune)
