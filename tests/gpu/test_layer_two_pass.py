@@ -168,12 +168,7 @@ def test_token_kernel_forms_are_bitwise_equal(iters):
         outs = []
         for variant in (name, generic):
             with forced_variant(variant), poisoned_outputs():
-                dl, dz = (
-                    gpu.empty((t, m), torch.float32, z.device),
-                    gpu.empty((t, m), torch.float32, z.device),
-                )
-                da = gpu.empty((t, 3), torch.float32, z.device)
-                sc = gpu.empty((t, 2 * max(iters, 1) * n), torch.float32, z.device)
+                dl, dz, da, sc = gpu._pre_token_grad_buffers(t, n, iters, z.device)
                 gpu.launch(Op.PRE_BWD_DYN, z.device, DType.BF16, n=n, hidden=c, tokens=t,
                            sinkhorn_iters=iters, eps_sk=1e-6, post_mult=2.0, alpha=alpha, bias=b,
                            grad_h_pre_in=ups[0], grad_h_post_in=ups[1], grad_h_res_in=ups[2],

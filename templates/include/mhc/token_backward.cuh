@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(pre_token_warps<n_bound<N>()>() * kWarp)
   for (int k = lane; k < m; k += kWarp) {
     const float dl = s.dz[k];
     a.out<float>(kGradLogits)[tok * m + k] = dl;
-    const int grp = k < n ? 0 : (k < 2 * n ? 1 : 2);
+    const int grp = logit_kind(k, n);
     da[grp] += dl * z[k] / r;
     if (dz_out) dz_out[tok * m + k] = alpha[grp] * dl / r;
   }
@@ -579,7 +579,7 @@ __global__ void __launch_bounds__(kThreadCoeffsBlock) pre_bwd_token_thread_kerne
     for (int l = 0; l < kWarp; ++l) part[l] = 0.0f;
 #pragma unroll
     for (int k = 0; k < m; ++k) {
-      if ((k < N ? 0 : (k < 2 * N ? 1 : 2)) != grp) continue;
+      if (logit_kind(k, N) != grp) continue;
       part[k % kWarp] += dl[k] * z[k] / r;
     }
 #pragma unroll
@@ -590,7 +590,7 @@ __global__ void __launch_bounds__(kThreadCoeffsBlock) pre_bwd_token_thread_kerne
   }
 #pragma unroll
   for (int k = 0; k < m; ++k) {
-    const int grp = k < N ? 0 : (k < 2 * N ? 1 : 2);
+    const int grp = logit_kind(k, N);
     a.out<float>(kGradLogits)[tok * m + k] = dl[k];
     if (dz_out) dz_out[tok * m + k] = alpha[grp] * dl[k] / r;
   }

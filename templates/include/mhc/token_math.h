@@ -11,6 +11,9 @@ namespace mhc {
 // m = n² + 2n mixing logits a token: n pre, n post, n² res.
 MHC_CX int num_logits(int n) { return n * n + 2 * n; }
 
+// Which group logit k belongs to, as α and ∂α index them: 0 pre, 1 post, 2 res.
+MHC_CX int logit_kind(int k, int n) { return k < n ? 0 : (k < 2 * n ? 1 : 2); }
+
 MHC_HD float sigmoid(float v) { return 1.0f / (1.0f + fast_exp(-v)); }
 
 // r = sqrt(mean(x̄²) + eps): the RMS of one token's n·C values.
