@@ -246,12 +246,52 @@ MHC_DEV void load_pack_ro(const T* p, float (&out)[VEC]) {
   for (int i = 0; i < VEC; ++i) out[i] = to_float(pk.v[i]);
 }
 
+// Word w (4 bytes) of a pack of 16- or 32-bit elements, built with register moves.
+template <typename T, int VEC>
+MHC_DEV uint32_t pack_word(const Pack<T, VEC>& pk, int w) {
+  if constexpr (sizeof(T) == 4) {
+    uint32_t u;
+    __builtin_memcpy(&u, &pk.v[w], 4);
+    return u;
+  } else {
+    return uint32_t(pk.v[2 * w].bits) | (uint32_t(pk.v[2 * w + 1].bits) << 16);
+  }
+}
+
+// A pack stored as one access of its width. A struct copy (or a memcpy) of 16-bit
+// elements is split by the compiler into 2- and 4-byte stores (session 17's ncu: 6.7 of
+// 32 bytes a sector used by the ∂x kernel's stores); whole words are not.
+template <typename T, int VEC>
+MHC_DEV void store_raw(T* p, const Pack<T, VEC>& pk) {
+  constexpr int kBytes = int(sizeof(T)) * VEC;
+  if constexpr (kBytes == 16) {
+    const uint4 u =
+        make_uint4(pack_word(pk, 0), pack_word(pk, 1), pack_word(pk, 2), pack_word(pk, 3));
+#if defined(MHC_CUDA)
+    __stwb(reinterpret_cast<uint4*>(p), u);  // NVVM splits even a uint4 assignment
+#else
+    *reinterpret_cast<uint4*>(p) = u;
+#endif
+  } else if constexpr (kBytes == 8) {
+    const uint2 u = make_uint2(pack_word(pk, 0), pack_word(pk, 1));
+#if defined(MHC_CUDA)
+    __stwb(reinterpret_cast<uint2*>(p), u);
+#else
+    *reinterpret_cast<uint2*>(p) = u;
+#endif
+  } else if constexpr (kBytes == 4) {
+    *reinterpret_cast<uint32_t*>(p) = pack_word(pk, 0);
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+  }
+}
+
 template <typename T, int VEC>
 MHC_DEV void store_pack(T* p, const float (&in)[VEC]) {
   Pack<T, VEC> pk;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) pk.v[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+  store_raw<T, VEC>(p, pk);
 }
 
 MHC_DEV float warp_sum(float v) {
