@@ -215,7 +215,7 @@ __global__ void MHC_LAYER_BWD_BOUNDS layer_bwd_kernel(Args a) {
               }
 #pragma unroll
             for (int v = 0; v < VEC; ++v) o[v] += s.h_pre[hs][j] * du[v];
-            store_pack<T, VEC>(dx + tok * token_elems + j * C + c, o);
+            store_pack<T, VEC, wide_stores<NB>()>(dx + tok * token_elems + j * C + c, o);
           }
       }
       float* dh_pre = a.out<float>(kGradHPre) + tok * n;

@@ -286,12 +286,25 @@ MHC_DEV void store_raw(T* p, const Pack<T, VEC>& pk) {
   }
 }
 
-template <typename T, int VEC>
+// WIDE = false: the plain struct copy, which NVVM splits for 16-bit T. Measured faster than
+// the 16-byte store in post's and the layer's kernels at n ≤ 4, and only there (H200, session
+// 17: post 0.294 against 0.304 ms, post with static H 0.302 against 0.322; at n = 8, 0.477
+// against 0.300); why is not known yet. Those call sites pass wide_stores<NB>().
+template <typename T, int VEC, bool WIDE = true>
 MHC_DEV void store_pack(T* p, const float (&in)[VEC]) {
   Pack<T, VEC> pk;
 #pragma unroll
   for (int i = 0; i < VEC; ++i) pk.v[i] = from_float<T>(in[i]);
-  store_raw<T, VEC>(p, pk);
+  if constexpr (WIDE)
+    store_raw<T, VEC>(p, pk);
+  else
+    *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+// Whether a kernel bounded by NB streams stores by the 16-byte store (store_pack's WIDE).
+template <int NB>
+MHC_CX bool wide_stores() {
+  return NB > 4;
 }
 
 MHC_DEV float warp_sum(float v) {

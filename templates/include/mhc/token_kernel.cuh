@@ -402,7 +402,7 @@ MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, i
             for (int v = 0; v < VEC; ++v) o[v] += h_res[i][j] * xs[j][v];
           }
       }
-      store_pack<T, VEC>(ot + i * C + c, o);
+      store_pack<T, VEC, wide_stores<NB>()>(ot + i * C + c, o);
     }
   }
 }
