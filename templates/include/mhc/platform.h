@@ -286,10 +286,11 @@ MHC_DEV void store_raw(T* p, const Pack<T, VEC>& pk) {
   }
 }
 
-// WIDE = false: the plain struct copy, which NVVM splits for 16-bit T. Measured faster than
-// the 16-byte store in post's and the layer's kernels at n ≤ 4, and only there (H200, session
-// 17: post 0.294 against 0.304 ms, post with static H 0.302 against 0.322; at n = 8, 0.477
-// against 0.300); why is not known yet. Those call sites pass wide_stores<NB>().
+// WIDE = false: the plain struct copy, which NVVM splits for 16-bit T. At n ≤ 4 it measured
+// faster than store_raw in post (H200, session 17: 0.294 against 0.304 ms, with static H 0.302
+// against 0.322) and in the static layer (fwd 0.350 against 0.362, fwd+bwd 1.210 against
+// 1.247); at n = 8 slower (post 0.477 against 0.300). Why is not known yet. So post_vector
+// (post, the layer's forward) and the three-pass layer_bwd_kernel pass wide_stores<NB>().
 template <typename T, int VEC, bool WIDE = true>
 MHC_DEV void store_pack(T* p, const float (&in)[VEC]) {
   Pack<T, VEC> pk;
