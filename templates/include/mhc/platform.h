@@ -258,6 +258,17 @@ MHC_DEV uint32_t pack_word(const Pack<T, VEC>& pk, int w) {
   }
 }
 
+// One uint2 or uint4 stored whole: NVVM splits even a plain assignment of one in these
+// kernels; __stwb is inline PTX, which it cannot.
+template <typename W>
+MHC_DEV void store_words(void* p, const W& u) {
+#if defined(MHC_CUDA)
+  __stwb(reinterpret_cast<W*>(p), u);
+#else
+  *reinterpret_cast<W*>(p) = u;
+#endif
+}
+
 // A pack stored as one access of its width. A struct copy (or a memcpy) of 16-bit
 // elements is split by the compiler into 2- and 4-byte stores (session 17's ncu: 6.7 of
 // 32 bytes a sector used by the ∂x kernel's stores); whole words are not.
@@ -265,20 +276,10 @@ template <typename T, int VEC>
 MHC_DEV void store_raw(T* p, const Pack<T, VEC>& pk) {
   constexpr int kBytes = int(sizeof(T)) * VEC;
   if constexpr (kBytes == 16) {
-    const uint4 u =
-        make_uint4(pack_word(pk, 0), pack_word(pk, 1), pack_word(pk, 2), pack_word(pk, 3));
-#if defined(MHC_CUDA)
-    __stwb(reinterpret_cast<uint4*>(p), u);  // NVVM splits even a uint4 assignment
-#else
-    *reinterpret_cast<uint4*>(p) = u;
-#endif
+    store_words(p,
+                make_uint4(pack_word(pk, 0), pack_word(pk, 1), pack_word(pk, 2), pack_word(pk, 3)));
   } else if constexpr (kBytes == 8) {
-    const uint2 u = make_uint2(pack_word(pk, 0), pack_word(pk, 1));
-#if defined(MHC_CUDA)
-    __stwb(reinterpret_cast<uint2*>(p), u);
-#else
-    *reinterpret_cast<uint2*>(p) = u;
-#endif
+    store_words(p, make_uint2(pack_word(pk, 0), pack_word(pk, 1)));
   } else if constexpr (kBytes == 4) {
     *reinterpret_cast<uint32_t*>(p) = pack_word(pk, 0);
   } else {
@@ -302,7 +303,7 @@ MHC_DEV void store_pack(T* p, const float (&in)[VEC]) {
     *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
-// Whether a kernel bounded by NB streams stores by the 16-byte store (store_pack's WIDE).
+// Whether a kernel bounded by NB streams stores its packs by store_raw (store_pack's WIDE).
 template <int NB>
 MHC_CX bool wide_stores() {
   return NB > 4;
