@@ -357,22 +357,19 @@ MHC_DEV void pre_vector(const T* xt, U* ut, int64_t C, int n, const float* h_pre
   store_pack<U, VEC>(ut + c, acc);
 }
 
-// x_next[i] = Σ_j H_res[i][j]·x[j] + H_post[i]·y for one vector of columns.
+// Rows of H_res read as float4 for n ≥ 16. Not for n = 3, 7, 11, 15, whose padded rows are
+// whole quads too: xs has no fourth stream for the last quad to read.
+template <int NB>
+MHC_CX bool quad_rows() {
+  return NB % 4 == 0 && res_ld<NB>() % 4 == 0;
+}
+
+// x_next[i] = Σ_j H_res[i][j]·x[j] + H_post[i]·y for one vector of columns, x given (xs[j]
+// zero for j ≥ n where quad_rows: a quad may reach past n, and its x must add nothing).
 template <typename T, int NB, int VEC>
-MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, int n,
-                         const float* h_post, const float (*h_res)[res_ld<NB>()], int64_t c) {
-  // Rows read as float4 for n ≥ 16. Not for n = 3, 7, 11, 15, whose padded rows are
-  // whole quads too: xs has no fourth stream for the last quad to read.
-  constexpr bool kQuads = NB % 4 == 0 && res_ld<NB>() % 4 == 0;
-  float xs[NB][VEC];
-#pragma unroll
-  for (int j = 0; j < NB; ++j) {
-    if (j < n)
-      load_pack<T, VEC>(xt + j * C + c, xs[j]);
-    else if (kQuads)  // a quad may reach past n: its x must add nothing
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) xs[j][v] = 0.0f;
-  }
+MHC_DEV void post_rows(const float (&xs)[NB][VEC], const float (&y)[VEC], T* ot, int64_t C, int n,
+                       const float* h_post, const float (*h_res)[res_ld<NB>()], int64_t c) {
+  constexpr bool kQuads = quad_rows<NB>();
   // Rows are not unrolled past n = 8: the code would grow n²-fold.
   constexpr int kRowUnroll = NB <= 8 ? NB : 1;
 #pragma unroll kRowUnroll
@@ -405,6 +402,22 @@ MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, i
       store_pack<T, VEC, wide_stores<NB>()>(ot + i * C + c, o);
     }
   }
+}
+
+// post_rows with x read from memory.
+template <typename T, int NB, int VEC>
+MHC_DEV void post_vector(const T* xt, const float (&y)[VEC], T* ot, int64_t C, int n,
+                         const float* h_post, const float (*h_res)[res_ld<NB>()], int64_t c) {
+  float xs[NB][VEC];
+#pragma unroll
+  for (int j = 0; j < NB; ++j) {
+    if (j < n)
+      load_pack<T, VEC>(xt + j * C + c, xs[j]);
+    else if (quad_rows<NB>())
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) xs[j][v] = 0.0f;
+  }
+  post_rows<T, NB, VEC>(xs, y, ot, C, n, h_post, h_res, c);
 }
 
 // The fused layer's second pass for one vector of columns: y = u·inv_rms·w from u recomputed
@@ -614,6 +627,93 @@ __global__ void __launch_bounds__(kThreads) staged_layer_kernel(Args a) {
   }
 }
 
+// The fused layer with x in registers: a block a token, each thread R vectors of VEC
+// columns of every stream, read once from DRAM and kept for pass B. No shared-memory
+// staging, so an SM holds as many blocks as registers allow, each with its whole token's
+// loads in flight (staged_layer_kernel: two blocks, by their 64 KB of shared memory). R
+// is HIDDEN's vectors a thread, or as many as the budget allows where C is not fixed
+// (columns past C predicated off). Bitwise the same results as staged_layer_kernel: the
+// same sums in the same order.
+constexpr int kResidentMaxPacks = 16;  // the most vectors a thread holds (64 registers of x)
+constexpr int64_t kResidentMinStaticTokens = 8192;
+
+template <int N, int HIDDEN, int VEC>
+MHC_CX int resident_vectors() {
+  return HIDDEN ? (HIDDEN + kThreads * VEC - 1) / (kThreads * VEC)
+                : (N ? kResidentMaxPacks / N : 0);
+}
+
+template <typename T, int N, int HIDDEN, int VEC, bool DYN>
+__global__ void __launch_bounds__(kThreads) resident_layer_kernel(Args a) {
+  static_assert(N > 0, "the resident layer: n fixed");
+  constexpr int R = resident_vectors<N, HIDDEN, VEC>();
+  static_assert(R > 0 && R * N <= kResidentMaxPacks, "x past the register budget");
+  __shared__ Shared<N, 1, 1> s;
+  const int64_t C = HIDDEN ? HIDDEN : a.hidden;
+  const int64_t K = N * C;
+  const int64_t tok = blockIdx.x;
+  const T* xt = a.in<T>(kX) + tok * K;
+  Pack<T, VEC> xp[R][N];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t c = (int64_t(r) * kThreads + threadIdx.x) * VEC;
+    if (c < C)
+#pragma unroll
+      for (int j = 0; j < N; ++j) xp[r][j] = load_raw_ro<T, VEC>(xt + j * C + c);
+  }
+  if constexpr (DYN) {
+    load_token_coefficients<N, 1, 1>(a, N, tok, 1, 0, s);
+  } else if (a.in<float>(kHResIn)) {
+    load_static_coefficients<N, 1, 1>(a, N, s);
+  } else if (threadIdx.x / kWarp == 0) {
+    coefficients<N, 1, 1>(a, N, 0, nullptr, 1.0f, s);
+    if (blockIdx.x == 0) store_coefficients<N, 1, 1>(a, N, 0, 0, s);
+  }
+  __syncthreads();
+  float sq = 0.0f;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t c = (int64_t(r) * kThreads + threadIdx.x) * VEC;
+    if (c < C) {
+      float u[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) u[v] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) u[v] += s.h_pre[0][j] * to_float(xp[r][j].v[v]);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sq += u[v] * u[v];
+    }
+  }
+  const float sum_sq = block_total(sq, s);
+  if (threadIdx.x == 0) s.sum_sq[0] = 1.0f / token_rms(sum_sq, C, a.eps_rms);
+  __syncthreads();
+  const float inv_rms = s.sum_sq[0];
+  const float* w = a.in<float>(kNormWeight);
+  T* ot = a.out<T>(kOut) + tok * K;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t c = (int64_t(r) * kThreads + threadIdx.x) * VEC;
+    if (c < C) {
+      float xs[N][VEC], y[VEC];
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) xs[j][v] = to_float(xp[r][j].v[v]);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) y[v] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) y[v] += s.h_pre[0][j] * xs[j][v];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) y[v] = y[v] * inv_rms * w[c + v];
+      post_rows<T, N, VEC>(xs, y, ot, C, N, s.h_post[0], s.h_res[0], c);
+    }
+  }
+}
+
 // Shared memory a staged block may take, its two token buffers and Shared together: two
 // blocks an SM on CUDA (with the opt-in limit); an AMD workgroup's 64 KB of LDS.
 #if defined(MHC_HIP)
@@ -684,6 +784,19 @@ int launch(const Args& a) {
     // The fused layer with H given (dynamic, per token) or static: staged where two tokens
     // fit.
     const bool h_given = a.p[kHResIn] != nullptr;
+    // The fused layer with H given or static: x in registers where the token fits.
+    constexpr int R = resident_vectors<N, HIDDEN, VEC>();
+    if constexpr (OP == Op::Layer && N > 0 && R > 0 && R * N <= kResidentMaxPacks) {
+      // Static H computed in the kernel: each block runs the Sinkhorn, which short token
+      // counts do not hide (H200, session 19: 2560 × 1280 × 4, 0.032 → 0.040 ms).
+      const bool resident_ok = DYN ? h_given : (h_given || a.tokens >= kResidentMinStaticTokens);
+      if (resident_ok && rows16 && a.hidden <= int64_t(R) * kThreads * VEC) {
+        if (h_given && (!a.p[kHPreIn] || !a.p[kHPostIn])) return kMissingInput;
+        resident_layer_kernel<T, N, HIDDEN, VEC, DYN>
+            <<<unsigned(a.tokens), kThreads, 0, stream>>>(a);
+        return int(last_error());
+      }
+    }
     if constexpr (OP == Op::Layer && DYN) {
       if (h_given) {
         if (!a.p[kHPreIn] || !a.p[kHPostIn]) return kMissingInput;  // a given H comes whole
