@@ -117,6 +117,15 @@ MHC_DEV float block_total(float v, Shared<NB, TM, SLOTS>& s) {
   return acc;
 }
 
+// 1 / rms(u) of one token from each thread's partial Σu², on every thread (two barriers).
+template <int NB, int TM, int SLOTS>
+MHC_DEV float block_inv_rms(float sq, int64_t C, float eps, Shared<NB, TM, SLOTS>& s) {
+  const float sum_sq = block_total(sq, s);
+  if (threadIdx.x == 0) s.sum_sq[0] = 1.0f / token_rms(sum_sq, C, eps);
+  __syncthreads();
+  return s.sum_sq[0];
+}
+
 // Phase 1: z[t] = x̄_t·φ and sum_sq[t] = Σ x̄_t² for the block's nt tokens.
 template <typename T, int NB, int TM, int SLOTS>
 MHC_DEV void project(const Args& a, int n, int64_t C, int64_t t0, int nt,
@@ -347,6 +356,19 @@ MHC_DEV void pre_mix(const T* xt, int64_t C, int n, const float* h_pre, int64_t 
       for (int v = 0; v < VEC; ++v) u[v] += h_pre[j] * xv[v];
     }
   }
+}
+
+// pre_mix's u for x given as packs (the resident layer's registers), in the same order.
+template <typename T, int NB, int VEC>
+MHC_DEV void pre_mix_packs(const Pack<T, VEC> (&xp)[NB], int n, const float* h_pre,
+                           float (&u)[VEC]) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) u[v] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NB; ++j)
+    if (j < n)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) u[v] += h_pre[j] * to_float(xp[j].v[v]);
 }
 
 // Phase 3 for one token and one vector of VEC columns starting at c.
@@ -616,10 +638,7 @@ __global__ void __launch_bounds__(kThreads) staged_layer_kernel(Args a) {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) sq += u[v] * u[v];
     }
-    const float sum_sq = block_total(sq, s);
-    if (threadIdx.x == 0) s.sum_sq[0] = 1.0f / token_rms(sum_sq, C, a.eps_rms);
-    __syncthreads();
-    const float inv_rms = s.sum_sq[0];
+    const float inv_rms = block_inv_rms(sq, C, a.eps_rms, s);
     T* ot = a.out<T>(kOut) + (t0 + t) * K;
     for (int64_t c = c0; c < C; c += cstep)
       layer_vector<T, NB, VEC>(xs, ot, C, n, s.h_pre[hs], s.h_post[hs], s.h_res[hs], inv_rms,
@@ -676,20 +695,12 @@ __global__ void __launch_bounds__(kThreads) resident_layer_kernel(Args a) {
     const int64_t c = (int64_t(r) * kThreads + threadIdx.x) * VEC;
     if (c < C) {
       float u[VEC];
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) u[v] = 0.0f;
-#pragma unroll
-      for (int j = 0; j < N; ++j)
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) u[v] += s.h_pre[0][j] * to_float(xp[r][j].v[v]);
+      pre_mix_packs<T, N, VEC>(xp[r], N, s.h_pre[0], u);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) sq += u[v] * u[v];
     }
   }
-  const float sum_sq = block_total(sq, s);
-  if (threadIdx.x == 0) s.sum_sq[0] = 1.0f / token_rms(sum_sq, C, a.eps_rms);
-  __syncthreads();
-  const float inv_rms = s.sum_sq[0];
+  const float inv_rms = block_inv_rms(sq, C, a.eps_rms, s);
   const float* w = a.in<float>(kNormWeight);
   T* ot = a.out<T>(kOut) + tok * K;
 #pragma unroll
@@ -701,12 +712,7 @@ __global__ void __launch_bounds__(kThreads) resident_layer_kernel(Args a) {
       for (int j = 0; j < N; ++j)
 #pragma unroll
         for (int v = 0; v < VEC; ++v) xs[j][v] = to_float(xp[r][j].v[v]);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) y[v] = 0.0f;
-#pragma unroll
-      for (int j = 0; j < N; ++j)
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) y[v] += s.h_pre[0][j] * xs[j][v];
+      pre_mix_packs<T, N, VEC>(xp[r], N, s.h_pre[0], y);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) y[v] = y[v] * inv_rms * w[c + v];
       post_rows<T, N, VEC>(xs, y, ot, C, N, s.h_post[0], s.h_res[0], c);
@@ -781,17 +787,17 @@ int launch(const Args& a) {
     // The fused layer copies whole tokens of x into shared memory (16-byte rows) where they fit.
     const int64_t token_bytes = int64_t(a.n) * a.hidden * int64_t(sizeof(T));
     const bool rows16 = vec_ok && token_bytes % 16 == 0 && aligned_to(a.p[kX], 16);
-    // The fused layer with H given (dynamic, per token) or static: staged where two tokens
-    // fit.
+    // The fused layer with H given (dynamic, per token) or static: x in registers where
+    // the token fits, else staged where two tokens fit.
     const bool h_given = a.p[kHResIn] != nullptr;
-    // The fused layer with H given or static: x in registers where the token fits.
+    if (OP == Op::Layer && DYN && h_given && (!a.p[kHPreIn] || !a.p[kHPostIn]))
+      return kMissingInput;  // a given H comes whole
     constexpr int R = resident_vectors<N, HIDDEN, VEC>();
     if constexpr (OP == Op::Layer && N > 0 && R > 0 && R * N <= kResidentMaxPacks) {
       // Static H computed in the kernel: each block runs the Sinkhorn, which short token
       // counts do not hide (H200, session 19: 2560 × 1280 × 4, 0.032 → 0.040 ms).
       const bool resident_ok = DYN ? h_given : (h_given || a.tokens >= kResidentMinStaticTokens);
       if (resident_ok && rows16 && a.hidden <= int64_t(R) * kThreads * VEC) {
-        if (h_given && (!a.p[kHPreIn] || !a.p[kHPostIn])) return kMissingInput;
         resident_layer_kernel<T, N, HIDDEN, VEC, DYN>
             <<<unsigned(a.tokens), kThreads, 0, stream>>>(a);
         return int(last_error());
@@ -799,7 +805,6 @@ int launch(const Args& a) {
     }
     if constexpr (OP == Op::Layer && DYN) {
       if (h_given) {
-        if (!a.p[kHPreIn] || !a.p[kHPostIn]) return kMissingInput;  // a given H comes whole
         const int64_t fixed = int64_t(sizeof(Shared<n_bound<N>(), TM, 2>));
         if (rows16 && 2 * token_bytes + fixed <= kStageSmemBytes)
           return launch_with_smem(staged_layer_kernel<T, N, HIDDEN, TM, VEC, true>,
