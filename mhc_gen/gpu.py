@@ -610,14 +610,14 @@ def _layer_front(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult, z=None, 
 # read back by pre's ∂x kernel.
 _TWO_PASS_MIN_TOKENS = 4096
 _TWO_PASS_MAX_N = 4
+_PHI_FRAGMENT_WORDS = 32  # u32 a row of φ in the ∂x kernel's fragment order (kPhiFragWords)
 
 
-def _two_pass_backward(grad, x, weight, phi) -> bool:
+def _two_pass_backward(grad, x, weight) -> bool:
     """Whether the dynamic layer's backward runs as _layer_backward_two_pass (fp32
-    weight): CUDA, 16-bit x, n ≤ 4, C a multiple of 8, 16-byte aligned x, G and w (and
-    8-byte aligned φ where m is even), enough tokens."""
+    weight): CUDA, 16-bit x, n ≤ 4, C a multiple of 8, 16-byte aligned x, G and w, enough
+    tokens."""
     t, n, c = _dims(x)
-    m = reference.num_logits(n)
     return (
         x.is_cuda
         and torch.version.hip is None
@@ -625,7 +625,6 @@ def _two_pass_backward(grad, x, weight, phi) -> bool:
         and n <= _TWO_PASS_MAX_N
         and c % 8 == 0
         and all(v.data_ptr() % 16 == 0 for v in (x, grad, weight))
-        and (m % 2 == 1 or phi.data_ptr() % 8 == 0)
         and t >= max(1, _TWO_PASS_MIN_TOKENS)  # no tokens: the ∂w rows would stay unwritten
     )
 
@@ -661,9 +660,11 @@ def _layer_backward_two_pass(grad, x, weight, phi, alpha, b, z, r, iters, eps_rm
     dx = empty(x.shape, x.dtype, dev)
     splits = _layer_dx_splits(t, c, dev)
     dw_rows = empty((splits, c), f32, dev)
+    frags = empty((n * c, _PHI_FRAGMENT_WORDS), torch.int32, dev)  # the launcher fills them
     launch(Op.LAYER_BWD_DYN, dev, DTYPES[x.dtype], **common, splits=splits, x=x,
-           grad_out=grad, norm_weight=weight, phi=phi, grad_z=dz, scratch=scratch,
-           layer_scale=scale, grad_x=dx, grad_norm_weight=dw_rows, **h)  # fmt: skip
+           grad_out=grad, norm_weight=weight, phi=phi, phi_fragments=frags, grad_z=dz,
+           scratch=scratch, layer_scale=scale, grad_x=dx, grad_norm_weight=dw_rows,
+           **h)  # fmt: skip
     return dx, dw_rows.sum(0), _phi_grad(x, dz, _phi_splits), dalpha_tok.sum(0), dlogits.sum(0)
 
 
@@ -674,7 +675,7 @@ def layer_dynamic_backward(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms,
     projection), then pre's backward for the path through z, which adds the front's ∂x in
     its pass."""
     weight = weight.float()
-    if _two_pass_backward(grad, x, weight, phi):
+    if _two_pass_backward(grad, x, weight):
         return _layer_backward_two_pass(grad, x, weight, phi, alpha, b, z, r, iters, eps_rms,
                                         eps_sk, post_mult)  # fmt: skip
     dx_front, dh_pre, dh_post, dh_res, dweight = _layer_front(

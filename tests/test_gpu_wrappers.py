@@ -381,7 +381,7 @@ def test_two_pass_layer_backward_hands_each_pass_what_the_last_wrote(monkeypatch
     and the ∂w rows, which are summed."""
     seen = []
     monkeypatch.setattr(gpu, "launch", lambda op, device, dtype, **kw: seen.append((op, kw)))
-    monkeypatch.setattr(gpu, "_two_pass_backward", lambda grad, x, w, phi: True)
+    monkeypatch.setattr(gpu, "_two_pass_backward", lambda grad, x, w: True)
     monkeypatch.setattr(gpu, "_gemm_phi_grad", lambda x: False)
     monkeypatch.setattr(gpu, "_phi_splits", lambda t, k, device: 1)
     monkeypatch.setattr(gpu, "_sm_count", lambda device: 132)
@@ -411,6 +411,7 @@ def test_two_pass_layer_backward_hands_each_pass_what_the_last_wrote(monkeypatch
     assert dx_pass["grad_z"] is token["grad_z"] and dx_pass["scratch"] is token["scratch"]
     assert dx_pass["layer_scale"] is sums["layer_scale"] and dx_pass["grad_x"] is dx
     assert dx_pass["grad_norm_weight"].shape == (dx_pass["splits"], C)
+    assert dx_pass["phi"] is v["phi"] and dx_pass["phi_fragments"].shape == (N * C, 32)
     assert dx.shape == v["x"].shape and dw.shape == (C,) and dphi.shape == v["phi"].shape
     assert dalpha.shape == (3,) and db.shape == (m,)
 

@@ -114,15 +114,59 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_sums_kernel(Args a) {
 #if defined(MHC_CUDA)
 // The ∂x pass: a block owns 16 tokens at a time and 256 columns of each of their streams
 // (32 a warp: four n8 tiles of ∂z·φᵀ a stream, staged whole for the epilogue), walking
-// token tiles; 1.02 ms at T = 16384, C = 4096, n = 4 on the H200 (the sums pass: 0.26 for
-// 2/3 of the bytes). Measured slower (session 15): 16 columns a warp with x and G copied a
-// tile ahead by cp.async, 1.62 ms; blocks sweeping whole rows of their tiles, 128 columns
+// token tiles; 0.74 ms at T = 16384, C = 4096, n = 4 on the H200 (the sums pass: 0.26 for
+// 2/3 of the bytes; session 20). Measured slower (session 15): 16 columns a warp with x and G
+// copied a tile ahead by cp.async, 1.62 ms; blocks sweeping whole rows of their tiles, 128 columns
 // a step, 1.24. Both halve the columns a stream's φ loads serve, and those loads wait on
 // L2 once a stream (the stream loop is not unrolled: registers).
 constexpr int kDxCols = 32;                 // c a warp: four n8 tiles
 constexpr int kDxChunk = kWarps * kDxCols;  // c a block (grid.y splits C)
 constexpr int kDxLd = kDxCols + 4;          // floats a staged tile row: the epilogue's
                                             // 16-byte reads are free of bank conflicts
+
+// φ split once a call into bf16 hi and lo (split_pair's bits), in the order the ∂x
+// kernel's B fragments take them: row k of φ (a column of x), k-step st and lane quad c4
+// hold the words hi(q, q + 1), hi(q + 8, q + 9), lo(q, q + 1), lo(q + 8, q + 9) with
+// q = 16·st + 2·c4, zeros past m. A lane then loads a k-step's fragments as one 16-byte
+// word; split from fp32 φ a token tile, they took half the kernel's instructions (SASS).
+constexpr int kPhiFragSteps = 2;                      // k-steps a row: m ≤ 24 (n ≤ 4)
+constexpr int kPhiFragWords = kPhiFragSteps * 4 * 4;  // u32 a row: k-steps × quads × 4
+
+template <int NB>  // a template only so that each variant's object holds its own copy
+__global__ void __launch_bounds__(kThreads) phi_fragments_kernel(Args a) {
+  const int m = num_logits(a.n);
+  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;  // (row, st, c4)
+  if (i >= int64_t(a.n) * a.hidden * kPhiFragSteps * 4) return;
+  const int64_t k = i / (kPhiFragSteps * 4);
+  const int q = 16 * (int(i % (kPhiFragSteps * 4)) / 4) + 2 * (int(i % 4));
+  const float* row = a.in<float>(kPhi) + k * m;
+  float f[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int qe = q + (e / 2) * 8 + e % 2;
+    f[e] = qe < m ? row[qe] : 0.0f;
+  }
+  uint4 w;
+  split_pair(f[0], f[1], w.x, w.z);
+  split_pair(f[2], f[3], w.y, w.w);
+  reinterpret_cast<uint4*>(a.out<uint32_t>(kPhiFragments))[i] = w;
+}
+
+// d += one n8 tile of ∂z·φᵀ for 16 tokens from φ's fragments (`frag`: this lane's row and
+// quad), the three bf16 products of dz_phi_n8 in its order: the same bits.
+template <int KS>
+MHC_DEV void dz_phi_fragments_n8(const uint4* frag, bool live, const uint32_t (&a_hi)[KS][4],
+                                 const uint32_t (&a_lo)[KS][4], float (&d)[4]) {
+#pragma unroll
+  for (int st = 0; st < KS; ++st) {
+    uint4 w = __ldg(frag + 4 * st);
+    if (!live) w = make_uint4(0u, 0u, 0u, 0u);
+    const uint32_t b_hi[2] = {w.x, w.y}, b_lo[2] = {w.z, w.w};
+    mma_bf16(d, a_hi[st], b_hi);
+    mma_bf16(d, a_hi[st], b_lo);
+    mma_bf16(d, a_lo[st], b_hi);
+  }
+}
 
 // A block's 16 tokens' scalars; rows padded to an odd stride where lanes of 8 tokens read
 // one element each (bank-conflict free).
@@ -141,11 +185,14 @@ MHC_CX int64_t layer_dx_smem_bytes() {
   return int64_t(kWarps) * NB * kMmaTokens * kDxLd * int64_t(sizeof(float));
 }
 
-template <typename T, int N, int HIDDEN, bool PAIRS>
-__global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
+// Two blocks an SM (128 registers, 72 bytes of loop-invariant addresses spilled): without
+// the bound ptxas takes 167 registers, one block an SM.
+template <typename T, int N, int HIDDEN>
+__global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
   constexpr int NB = two_pass_bound<N>();
   constexpr int TM = kMmaTokens;
   constexpr int KS = (num_logits(NB) + 15) / 16;  // k-steps of 16 logits
+  static_assert(KS <= kPhiFragSteps, "φ's fragments: two k-steps a row");
   constexpr int VEC = 16 / int(sizeof(T));
   constexpr int kLanesPerRow = kDxCols / VEC;
   constexpr int kRowsPerPass = kWarp / kLanesPerRow;
@@ -163,7 +210,7 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
   const int col = (lane % kLanesPerRow) * VEC;  // the epilogue's VEC consecutive c
   const int64_t c = c_lo + col;
   const bool lane_live = c < C;  // C is a multiple of VEC: the whole vector is in range
-  const float* phi = a.in<float>(kPhi);
+  const uint4* frags = reinterpret_cast<const uint4*>(a.in<uint32_t>(kPhiFragments));
   const float* w = a.in<float>(kNormWeight);
   const float* scratch = a.in<float>(kScratch);
   const int64_t row_len = scratch_row(a, n);
@@ -207,8 +254,8 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_dx_kernel(Args a) {
       for (int nb = 0; nb < kDxCols / 8; ++nb) {
         const bool live = c_lo + nb * 8 + g < C;
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        dz_phi_n8<KS, PAIRS>(phi + (live ? kb + nb * 8 + g : int64_t(0)) * m, m, live, c2, a_hi,
-                             a_lo, d);
+        const int64_t k = live ? kb + nb * 8 + g : int64_t(0);
+        dz_phi_fragments_n8<KS>(frags + k * (kPhiFragWords / 4) + c2 / 2, live, a_hi, a_lo, d);
         *reinterpret_cast<float2*>(&tile[j][g][nb * 8 + c2]) = make_float2(d[0], d[1]);
         *reinterpret_cast<float2*>(&tile[j][g + 8][nb * 8 + c2]) = make_float2(d[2], d[3]);
       }
@@ -305,21 +352,18 @@ int launch_layer_two_pass(const Args& a, stream_t stream) {
       return int(last_error());
     }
 #if defined(MHC_CUDA)
-    if (!a.p[kGradX] || !a.p[kPhi] || !a.p[kScratch] || !a.p[kGradNormWeight]) return kMissingInput;
+    if (!a.p[kGradX] || !a.p[kPhi] || !a.p[kPhiFragments] || !a.p[kScratch] ||
+        !a.p[kGradNormWeight])
+      return kMissingInput;
+    if (!aligned_to(a.p[kPhiFragments], 16)) return kUnsupported;
+    const int64_t quads = int64_t(a.n) * a.hidden * (kPhiFragWords / 4);  // a thread each
+    phi_fragments_kernel<two_pass_bound<N>()>
+        <<<unsigned((quads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
+    if (const error_t e = last_error(); e != kSuccess) return int(e);
     const dim3 grid(unsigned(a.splits < 1 ? 1 : a.splits),
                     unsigned((a.hidden + kDxChunk - 1) / kDxChunk));
     const size_t smem = size_t(layer_dx_smem_bytes<two_pass_bound<N>()>());
-    const bool pairs = num_logits(a.n) % 2 == 0 && aligned_to(a.p[kPhi], 8);
-    if constexpr (N == 0) {
-      return pairs
-                 ? launch_with_smem(layer_bwd_dx_kernel<T, N, HIDDEN, true>, grid, smem, stream, a)
-                 : launch_with_smem(layer_bwd_dx_kernel<T, N, HIDDEN, false>, grid, smem, stream,
-                                    a);
-    } else {
-      constexpr bool kPairs = num_logits(N) % 2 == 0;
-      if (pairs != kPairs) return kUnsupported;  // even m with φ misaligned: a view
-      return launch_with_smem(layer_bwd_dx_kernel<T, N, HIDDEN, kPairs>, grid, smem, stream, a);
-    }
+    return launch_with_smem(layer_bwd_dx_kernel<T, N, HIDDEN>, grid, smem, stream, a);
 #else
     return kUnsupported;  // the ∂x pass is tensor-core code: CUDA only
 #endif

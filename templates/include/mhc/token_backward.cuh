@@ -324,12 +324,13 @@ __global__ void __launch_bounds__(pre_token_warps<n_bound<N>()>() * kWarp)
   const float* alpha = a.in<float>(kAlpha);
   float* dz_out = a.out<float>(kGradZ);
   float da[3] = {0.0f, 0.0f, 0.0f};
+  const float inv_r = 1.0f / r;
   for (int k = lane; k < m; k += kWarp) {
     const float dl = s.dz[k];
     a.out<float>(kGradLogits)[tok * m + k] = dl;
     const int grp = logit_kind(k, n);
-    da[grp] += dl * z[k] / r;
-    if (dz_out) dz_out[tok * m + k] = alpha[grp] * dl / r;
+    da[grp] += dl * z[k] * inv_r;
+    if (dz_out) dz_out[tok * m + k] = alpha[grp] * dl * inv_r;
   }
 #pragma unroll
   for (int grp = 0; grp < 3; ++grp) da[grp] = warp_sum(da[grp]);
@@ -337,7 +338,7 @@ __global__ void __launch_bounds__(pre_token_warps<n_bound<N>()>() * kWarp)
   // carries H_pre and the factor of x̄ in ∂x̄ to the ∂x kernel.
   if (lane < n) scratch[lane] = s.h_pre[lane];
   if (lane == 0) {
-    const float dr = -(alpha[0] * da[0] + alpha[1] * da[1] + alpha[2] * da[2]) / r;
+    const float dr = -(alpha[0] * da[0] + alpha[1] * da[1] + alpha[2] * da[2]) * inv_r;
     scratch[n] = dr / (float(K) * r);
     if (float* dat = a.out<float>(kGradAlphaTok))
       for (int grp = 0; grp < 3; ++grp) dat[tok * 3 + grp] = da[grp];
@@ -571,6 +572,7 @@ __global__ void __launch_bounds__(kThreadCoeffsBlock) pre_bwd_token_thread_kerne
                               a.eps_sk, ghp, ghq ? ghq + tok * N : nullptr,
                               ghr ? ghr + tok * N * N : nullptr, h_pre, h_post, M, dM, N, div, dl);
   float* dz_out = a.out<float>(kGradZ);
+  const float inv_r = 1.0f / r;
   float da[3];
 #pragma unroll
   for (int grp = 0; grp < 3; ++grp) {
@@ -580,7 +582,7 @@ __global__ void __launch_bounds__(kThreadCoeffsBlock) pre_bwd_token_thread_kerne
 #pragma unroll
     for (int k = 0; k < m; ++k) {
       if (logit_kind(k, N) != grp) continue;
-      part[k % kWarp] += dl[k] * z[k] / r;
+      part[k % kWarp] += dl[k] * z[k] * inv_r;
     }
 #pragma unroll
     for (int o = kWarp / 2; o > 0; o /= 2)
@@ -592,12 +594,12 @@ __global__ void __launch_bounds__(kThreadCoeffsBlock) pre_bwd_token_thread_kerne
   for (int k = 0; k < m; ++k) {
     const int grp = logit_kind(k, N);
     a.out<float>(kGradLogits)[tok * m + k] = dl[k];
-    if (dz_out) dz_out[tok * m + k] = alpha[grp] * dl[k] / r;
+    if (dz_out) dz_out[tok * m + k] = alpha[grp] * dl[k] * inv_r;
   }
   float* scratch = a.out<float>(kScratch) + tok * scratch_row(a, N);
 #pragma unroll
   for (int j = 0; j < N; ++j) scratch[j] = h_pre[j];
-  const float dr = -(alpha[0] * da[0] + alpha[1] * da[1] + alpha[2] * da[2]) / r;
+  const float dr = -(alpha[0] * da[0] + alpha[1] * da[1] + alpha[2] * da[2]) * inv_r;
   scratch[N] = dr / (float(int64_t(N) * a.hidden) * r);
   if (float* dat = a.out<float>(kGradAlphaTok))
 #pragma unroll

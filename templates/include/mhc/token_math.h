@@ -21,8 +21,10 @@ MHC_HD float token_rms(float sum_sq, int64_t count, float eps) {
   return sqrtf(sum_sq / float(count) + eps);
 }
 
-// h̃ = α·z/r + b (Eq. 16); static H is the same with z = 0.
-MHC_HD float mix_logit(float z, float r, float alpha, float bias) { return alpha * z / r + bias; }
+// h̃ = α·z/r + b (Eq. 16), given 1/r; static H is the same with z = 0.
+MHC_HD float mix_logit(float z, float inv_r, float alpha, float bias) {
+  return alpha * z * inv_r + bias;
+}
 
 MHC_HD float pre_gate(float logit) { return sigmoid(logit); }
 MHC_HD float post_gate(float logit, float post_mult) { return post_mult * sigmoid(logit); }
@@ -36,12 +38,13 @@ MHC_HD float coefficient_row(int i, int n, const float* z, float r, const float*
   const float a_pre = z ? alpha[0] : 0.0f;
   const float a_post = z ? alpha[1] : 0.0f;
   const float a_res = z ? alpha[2] : 0.0f;
-  h_pre[i] = pre_gate(mix_logit(z ? z[i] : 0.0f, r, a_pre, bias[i]));
-  h_post[i] = post_gate(mix_logit(z ? z[n + i] : 0.0f, r, a_post, bias[n + i]), post_mult);
+  const float inv_r = 1.0f / r;  // one division a row, not 2 + n
+  h_pre[i] = pre_gate(mix_logit(z ? z[i] : 0.0f, inv_r, a_pre, bias[i]));
+  h_post[i] = post_gate(mix_logit(z ? z[n + i] : 0.0f, inv_r, a_post, bias[n + i]), post_mult);
   float row_max = -__builtin_inff();
   for (int j = 0; j < n; ++j) {
     const int k = 2 * n + i * n + j;
-    const float l = mix_logit(z ? z[k] : 0.0f, r, a_res, bias[k]);
+    const float l = mix_logit(z ? z[k] : 0.0f, inv_r, a_res, bias[k]);
     M[i * ld + j] = l;
     row_max = row_max > l ? row_max : l;
   }
