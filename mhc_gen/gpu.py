@@ -460,6 +460,21 @@ def _dx_by_gemm(x, grad_u, dz, phi, scratch, iters, grad_x_in):
     return dx
 
 
+# pre's ∂x kernel takes ∂z·φᵀ on tensor cores up to this n (mhc/token_backward.cuh).
+_MMA_MAX_N = 8
+
+
+def _phi_fragments(x) -> torch.Tensor | None:
+    """The buffer the ∂x kernels' launchers split φ into before their tensor-core products
+    (kPhiFragments: a row of φ, 16 words a k-step of 16 logits), where they run: not on
+    ROCm, n ≤ 8."""
+    t, n, c = _dims(x)
+    if torch.version.hip is not None or n > _MMA_MAX_N:
+        return None
+    steps = -(-reference.num_logits(n) // 16)
+    return empty((n * c, 16 * steps), torch.int32, x.device)
+
+
 def _pre_token_grad_buffers(t: int, n: int, iters: int, device) -> tuple:
     """The per-token outputs of pre's token kernel (fp32): ∂h̃ and ∂z [T, m], ∂α [T, 3],
     and the scratch rows (the Sinkhorn divisors, then H_pre and ∂r for the ∂x kernels)."""
@@ -486,7 +501,8 @@ def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, p
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, grad_out=grad_u, grad_h_pre_in=grad_h_pre,
                grad_h_post_in=grad_h_post, grad_h_res_in=grad_h_res, z_in=z, r_in=r,
-               phi_t=None if gemm else phi.t().contiguous(), grad_x_in=grad_x_in, grad_x=dx,
+               phi_t=None if gemm else phi.t().contiguous(),
+               phi_fragments=None if gemm else _phi_fragments(x), grad_x_in=grad_x_in, grad_x=dx,
                grad_logits=dlogits, grad_z=dz, grad_alpha_tok=dalpha_tok,
                scratch=scratch)  # fmt: skip
     if gemm:
@@ -610,7 +626,6 @@ def _layer_front(grad, x, weight, b, iters, eps_rms, eps_sk, post_mult, z=None, 
 # read back by pre's ∂x kernel.
 _TWO_PASS_MIN_TOKENS = 4096
 _TWO_PASS_MAX_N = 4
-_PHI_FRAGMENT_WORDS = 32  # u32 a row of φ in the ∂x kernel's fragment order (kPhiFragWords)
 
 
 def _two_pass_backward(grad, x, weight) -> bool:
@@ -660,9 +675,8 @@ def _layer_backward_two_pass(grad, x, weight, phi, alpha, b, z, r, iters, eps_rm
     dx = empty(x.shape, x.dtype, dev)
     splits = _layer_dx_splits(t, c, dev)
     dw_rows = empty((splits, c), f32, dev)
-    frags = empty((n * c, _PHI_FRAGMENT_WORDS), torch.int32, dev)  # the launcher fills them
     launch(Op.LAYER_BWD_DYN, dev, DTYPES[x.dtype], **common, splits=splits, x=x,
-           grad_out=grad, norm_weight=weight, phi=phi, phi_fragments=frags, grad_z=dz,
+           grad_out=grad, norm_weight=weight, phi=phi, phi_fragments=_phi_fragments(x), grad_z=dz,
            scratch=scratch, layer_scale=scale, grad_x=dx, grad_norm_weight=dw_rows,
            **h)  # fmt: skip
     return dx, dw_rows.sum(0), _phi_grad(x, dz, _phi_splits), dalpha_tok.sum(0), dlogits.sum(0)

@@ -124,50 +124,6 @@ constexpr int kDxChunk = kWarps * kDxCols;  // c a block (grid.y splits C)
 constexpr int kDxLd = kDxCols + 4;          // floats a staged tile row: the epilogue's
                                             // 16-byte reads are free of bank conflicts
 
-// φ split once a call into bf16 hi and lo (split_pair's bits), in the order the ∂x
-// kernel's B fragments take them: row k of φ (a column of x), k-step st and lane quad c4
-// hold the words hi(q, q + 1), hi(q + 8, q + 9), lo(q, q + 1), lo(q + 8, q + 9) with
-// q = 16·st + 2·c4, zeros past m. A lane then loads a k-step's fragments as one 16-byte
-// word; split from fp32 φ a token tile, they took half the kernel's instructions (SASS).
-constexpr int kPhiFragSteps = 2;                      // k-steps a row: m ≤ 24 (n ≤ 4)
-constexpr int kPhiFragWords = kPhiFragSteps * 4 * 4;  // u32 a row: k-steps × quads × 4
-
-template <int NB>  // a template only so that each variant's object holds its own copy
-__global__ void __launch_bounds__(kThreads) phi_fragments_kernel(Args a) {
-  const int m = num_logits(a.n);
-  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;  // (row, st, c4)
-  if (i >= int64_t(a.n) * a.hidden * kPhiFragSteps * 4) return;
-  const int64_t k = i / (kPhiFragSteps * 4);
-  const int q = 16 * (int(i % (kPhiFragSteps * 4)) / 4) + 2 * (int(i % 4));
-  const float* row = a.in<float>(kPhi) + k * m;
-  float f[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int qe = q + (e / 2) * 8 + e % 2;
-    f[e] = qe < m ? row[qe] : 0.0f;
-  }
-  uint4 w;
-  split_pair(f[0], f[1], w.x, w.z);
-  split_pair(f[2], f[3], w.y, w.w);
-  reinterpret_cast<uint4*>(a.out<uint32_t>(kPhiFragments))[i] = w;
-}
-
-// d += one n8 tile of ∂z·φᵀ for 16 tokens from φ's fragments (`frag`: this lane's row and
-// quad), the three bf16 products of dz_phi_n8 in its order: the same bits.
-template <int KS>
-MHC_DEV void dz_phi_fragments_n8(const uint4* frag, bool live, const uint32_t (&a_hi)[KS][4],
-                                 const uint32_t (&a_lo)[KS][4], float (&d)[4]) {
-#pragma unroll
-  for (int st = 0; st < KS; ++st) {
-    uint4 w = __ldg(frag + 4 * st);
-    if (!live) w = make_uint4(0u, 0u, 0u, 0u);
-    const uint32_t b_hi[2] = {w.x, w.y}, b_lo[2] = {w.z, w.w};
-    mma_bf16(d, a_hi[st], b_hi);
-    mma_bf16(d, a_hi[st], b_lo);
-    mma_bf16(d, a_lo[st], b_hi);
-  }
-}
-
 // A block's 16 tokens' scalars; rows padded to an odd stride where lanes of 8 tokens read
 // one element each (bank-conflict free).
 template <int NB>
@@ -192,7 +148,6 @@ __global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
   constexpr int NB = two_pass_bound<N>();
   constexpr int TM = kMmaTokens;
   constexpr int KS = (num_logits(NB) + 15) / 16;  // k-steps of 16 logits
-  static_assert(KS <= kPhiFragSteps, "φ's fragments: two k-steps a row");
   constexpr int VEC = 16 / int(sizeof(T));
   constexpr int kLanesPerRow = kDxCols / VEC;
   constexpr int kRowsPerPass = kWarp / kLanesPerRow;
@@ -211,6 +166,7 @@ __global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
   const int64_t c = c_lo + col;
   const bool lane_live = c < C;  // C is a multiple of VEC: the whole vector is in range
   const uint4* frags = reinterpret_cast<const uint4*>(a.in<uint32_t>(kPhiFragments));
+  const int steps = phi_fragment_steps(m);
   const float* w = a.in<float>(kNormWeight);
   const float* scratch = a.in<float>(kScratch);
   const int64_t row_len = scratch_row(a, n);
@@ -255,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
         const bool live = c_lo + nb * 8 + g < C;
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         const int64_t k = live ? kb + nb * 8 + g : int64_t(0);
-        dz_phi_fragments_n8<KS>(frags + k * (kPhiFragWords / 4) + c2 / 2, live, a_hi, a_lo, d);
+        dz_phi_fragments_n8<KS>(frags + k * (steps * 4) + c2 / 2, steps, live, a_hi, a_lo, d);
         *reinterpret_cast<float2*>(&tile[j][g][nb * 8 + c2]) = make_float2(d[0], d[1]);
         *reinterpret_cast<float2*>(&tile[j][g + 8][nb * 8 + c2]) = make_float2(d[2], d[3]);
       }
@@ -352,14 +308,9 @@ int launch_layer_two_pass(const Args& a, stream_t stream) {
       return int(last_error());
     }
 #if defined(MHC_CUDA)
-    if (!a.p[kGradX] || !a.p[kPhi] || !a.p[kPhiFragments] || !a.p[kScratch] ||
-        !a.p[kGradNormWeight])
-      return kMissingInput;
-    if (!aligned_to(a.p[kPhiFragments], 16)) return kUnsupported;
-    const int64_t quads = int64_t(a.n) * a.hidden * (kPhiFragWords / 4);  // a thread each
-    phi_fragments_kernel<two_pass_bound<N>()>
-        <<<unsigned((quads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
-    if (const error_t e = last_error(); e != kSuccess) return int(e);
+    if (!a.p[kGradX] || !a.p[kScratch] || !a.p[kGradNormWeight]) return kMissingInput;
+    if (const int status = launch_phi_fragments<two_pass_bound<N>()>(a, stream); status != kOk)
+      return status;
     const dim3 grid(unsigned(a.splits < 1 ? 1 : a.splits),
                     unsigned((a.hidden + kDxChunk - 1) / kDxChunk));
     const size_t smem = size_t(layer_dx_smem_bytes<two_pass_bound<N>()>());

@@ -645,35 +645,59 @@ MHC_DEV void dz_fragments(const float (*dz)[LD], int nt, int m, int g, int c2,
     }
 }
 
-// d += one n8 tile of ∂z·φᵀ for 16 tokens: B is φ[k][q] for this lane's k (column g of
-// the tile; `row` is φ's row k) and logit pairs c2 + 16·st (+ 8), over KS k-steps, as three
-// bf16 products of split operands. `row` exists even where the column is past C (live
-// false: row 0, its values zeroed), so the loads take no branch and the compiler issues
-// them together instead of each behind its own test.
-template <int KS, bool PAIRS>
-MHC_DEV void dz_phi_n8(const float* row, int m, bool live, int c2, const uint32_t (&a_hi)[KS][4],
-                       const uint32_t (&a_lo)[KS][4], float (&d)[4]) {
+// φ's bf16 hi and lo (split_pair's bits), split once a call into the order the ∂x
+// kernels' B fragments take them: row k of φ (a column of x), k-step st <
+// phi_fragment_steps(m) and lane quad c4 hold the words hi(q, q + 1), hi(q + 8, q + 9),
+// lo(q, q + 1), lo(q + 8, q + 9) with q = 16·st + 2·c4, zeros past m. A lane then loads a
+// k-step's fragments as one 16-byte word. Split from fp32 φ once a token tile, they took
+// half of the two-pass ∂x kernel's instructions (session 20's SASS).
+MHC_CX int phi_fragment_steps(int m) { return (m + 15) / 16; }
+
+template <int NB>  // a template only so that each variant's object holds its own copy
+__global__ void __launch_bounds__(kThreads) phi_fragments_kernel(Args a) {
+  const int m = num_logits(a.n), quads = phi_fragment_steps(m) * 4;  // 16 bytes each
+  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;    // (row, st, c4)
+  if (i >= int64_t(a.n) * a.hidden * quads) return;
+  const int64_t k = i / quads;
+  const int q = 16 * (int(i % quads) / 4) + 2 * int(i % 4);
+  const float* row = a.in<float>(kPhi) + k * m;
+  float f[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int qe = q + (e / 2) * 8 + e % 2;
+    f[e] = qe < m ? row[qe] : 0.0f;
+  }
+  uint4 w;
+  split_pair(f[0], f[1], w.x, w.z);
+  split_pair(f[2], f[3], w.y, w.w);
+  reinterpret_cast<uint4*>(a.out<uint32_t>(kPhiFragments))[i] = w;
+}
+
+// φ's a.n·a.hidden rows into kPhiFragments, before a ∂x kernel that reads them.
+template <int NB>
+int launch_phi_fragments(const Args& a, stream_t stream) {
+  if (!a.p[kPhi] || !a.p[kPhiFragments]) return kMissingInput;
+  if (!aligned_to(a.p[kPhiFragments], 16)) return kUnsupported;
+  const int64_t quads = int64_t(a.n) * a.hidden * phi_fragment_steps(num_logits(a.n)) * 4;
+  if (quads == 0) return kOk;
+  phi_fragments_kernel<NB><<<unsigned((quads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
+  return int(last_error());
+}
+
+// d += one n8 tile of ∂z·φᵀ for 16 tokens: three bf16 products of split operands over the
+// k-steps that hold logits (steps of KS; compile-time where N is). `frag` is this lane's
+// row k of φ's fragments (column g of the tile) at its quad; it exists even where the
+// column is past C (live false: row 0, zeroed), so the loads take no branch.
+template <int KS>
+MHC_DEV void dz_phi_fragments_n8(const uint4* frag, int steps, bool live,
+                                 const uint32_t (&a_hi)[KS][4], const uint32_t (&a_lo)[KS][4],
+                                 float (&d)[4]) {
 #pragma unroll
   for (int st = 0; st < KS; ++st) {
-    float f[4];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int q = 16 * st + c2 + h * 8;
-      float2 p = make_float2(0.0f, 0.0f);
-      if (q < m) {              // decided at compile time where N is
-        if constexpr (PAIRS) {  // m even: q + 1 < m too
-          p = __ldg(reinterpret_cast<const float2*>(row + q));
-        } else {
-          p.x = __ldg(row + q);
-          if (q + 1 < m) p.y = __ldg(row + q + 1);
-        }
-      }
-      f[2 * h] = live ? p.x : 0.0f;
-      f[2 * h + 1] = live ? p.y : 0.0f;
-    }
-    uint32_t b_hi[2], b_lo[2];
-    split_pair(f[0], f[1], b_hi[0], b_lo[0]);
-    split_pair(f[2], f[3], b_hi[1], b_lo[1]);
+    if (st >= steps) break;
+    uint4 w = __ldg(frag + 4 * st);
+    if (!live) w = make_uint4(0u, 0u, 0u, 0u);
+    const uint32_t b_hi[2] = {w.x, w.y}, b_lo[2] = {w.z, w.w};
     mma_bf16(d, a_hi[st], b_hi);
     mma_bf16(d, a_hi[st], b_lo);
     mma_bf16(d, a_lo[st], b_hi);
@@ -707,7 +731,7 @@ MHC_CX int64_t dx_mma_prefetch_bytes() {
 // copied into shared memory (cp.async) before its mma's, so that their DRAM latency passes
 // under the φ loads and products instead of after them (the epilogue, unrolled over 4 rows,
 // otherwise waits for each row's loads in turn).
-template <typename T, int N, int HIDDEN, int VEC, bool PAIRS>
+template <typename T, int N, int HIDDEN, int VEC>
 __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
   constexpr bool kPrefetch = dx_mma_prefetch_bytes<T>() > 0;
   constexpr int NB = n_bound<N>() < kMmaMaxN ? n_bound<N>() : kMmaMaxN;  // the launcher
@@ -729,7 +753,8 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
   uint32_t a_hi[KS][4], a_lo[KS][4];
   dz_fragments<KS>(s.in.dz, nt, m, g, c2, a_hi, a_lo);
 
-  const float* phi = a.in<float>(kPhi);  // PAIRS: m even and φ 8-byte aligned (the launcher)
+  const uint4* frags = reinterpret_cast<const uint4*>(a.in<uint32_t>(kPhiFragments));
+  const int steps = phi_fragment_steps(m);
   const T* x = a.in<T>(kX) + t0 * K;
   const T* du = a.in<T>(kGradOut);
   T* dx = a.out<T>(kGradX) + t0 * K;
@@ -764,8 +789,8 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
     for (int nb = 0; nb < kMmaK / 8; ++nb) {
       const bool live = c_lo + nb * 8 + g < C;
       float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      dz_phi_n8<KS, PAIRS>(phi + (live ? kb + nb * 8 + g : int64_t(0)) * m, m, live, c2, a_hi, a_lo,
-                           d);
+      const int64_t k = live ? kb + nb * 8 + g : int64_t(0);
+      dz_phi_fragments_n8<KS>(frags + k * (steps * 4) + c2 / 2, steps, live, a_hi, a_lo, d);
       *reinterpret_cast<float2*>(&tile[g][nb * 8 + c2]) = make_float2(d[0], d[1]);
       *reinterpret_cast<float2*>(&tile[g + 8][nb * 8 + c2]) = make_float2(d[2], d[3]);
     }
@@ -807,9 +832,12 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
   }
 }
 
-template <typename T, int N, int HIDDEN, int VEC, bool PAIRS>
+// φ's fragments, then the kernel.
+template <typename T, int N, int HIDDEN, int VEC>
 int launch_dx_mma(dim3 grid, stream_t stream, const Args& a) {
-  return launch_with_smem(pre_bwd_dx_mma_kernel<T, N, HIDDEN, VEC, PAIRS>, grid,
+  constexpr int NB = n_bound<N>() < kMmaMaxN ? n_bound<N>() : kMmaMaxN;
+  if (const int status = launch_phi_fragments<NB>(a, stream); status != kOk) return status;
+  return launch_with_smem(pre_bwd_dx_mma_kernel<T, N, HIDDEN, VEC>, grid,
                           size_t(dx_mma_prefetch_bytes<T>()), stream, a);
 }
 #endif  // MHC_CUDA
@@ -986,21 +1014,9 @@ int launch_pre_backward(const Args& a, stream_t stream) {
       const bool mma_ok = a.n <= kMmaMaxN && a.hidden % MV == 0 && aligned_to(a.p[kX], 16) &&
                           aligned_to(a.p[kGradOut], 16) && aligned_to(a.p[kGradX], 16) &&
                           aligned_to(a.p[kGradXIn], 16);
-      // φ in 8-byte pairs where m is even and φ aligned. A compiled n has one form: the
-      // other case (even m, φ misaligned: a view into a larger tensor) takes the CUDA-core
-      // kernel below rather than a second instantiation.
-      const bool pairs = num_logits(a.n) % 2 == 0 && aligned_to(a.p[kPhi], 8);
-      constexpr bool kPairs = N != 0 && num_logits(N) % 2 == 0;
       const dim3 grid(unsigned((a.tokens + kMmaTokens - 1) / kMmaTokens),
                       unsigned((a.hidden + kMmaChunk - 1) / kMmaChunk));
-      if constexpr (N == 0) {
-        if (mma_ok) {
-          return pairs ? launch_dx_mma<T, N, HIDDEN, MV, true>(grid, stream, a)
-                       : launch_dx_mma<T, N, HIDDEN, MV, false>(grid, stream, a);
-        }
-      } else if (mma_ok && pairs == kPairs) {
-        return launch_dx_mma<T, N, HIDDEN, MV, kPairs>(grid, stream, a);
-      }
+      if (mma_ok) return launch_dx_mma<T, N, HIDDEN, MV>(grid, stream, a);
     }
 #endif
     if (pre_vec)
