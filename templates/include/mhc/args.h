@@ -70,8 +70,8 @@ enum Ptr : int {
                     // only its ∂x epilogue (H_pre and ∂r from kScratch); may be null
   kLayerScale,      // [T, 2] fp32 s = 1/rms(u) and s³·mean(g·w·u) of the dynamic layer's
                     // RMSNorm: out of its backward's sums pass, into its ∂x pass
-  kPhiFragments,    // [n·C, 32] u32: φ's bf16 hi and lo in the two-pass ∂x kernel's mma
-                    // B-fragment order (its launcher writes them from kPhi)
+  kPhiFragments,    // [n·C, 16·⌈m/16⌉] u32: φ's bf16 hi and lo in the tensor-core ∂x
+                    // kernels' mma B-fragment order (their launchers write them from kPhi)
   kNumPtrs
 };
 

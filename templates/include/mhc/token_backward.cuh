@@ -625,6 +625,13 @@ MHC_DEV void split_pair(float u, float v, uint32_t& hi, uint32_t& lo) {
 // k-steps of ∂z) stay in registers; larger n take the GEMM path on CUDA.
 constexpr int kMmaMaxN = 8;
 
+// The streams a tensor-core ∂x variant for N is compiled for (N = 0: any n up to kMmaMaxN;
+// its launcher checks n).
+template <int N>
+MHC_CX int mma_bound() {
+  return n_bound<N>() < kMmaMaxN ? n_bound<N>() : kMmaMaxN;
+}
+
 constexpr int kMmaTokens = 16;             // the m16 of the tile
 constexpr int kMmaK = 64;                  // c per warp and pass: eight n8 tiles
 constexpr int kMmaChunk = kWarps * kMmaK;  // c per block (grid.y splits C)
@@ -734,9 +741,9 @@ MHC_CX int64_t dx_mma_prefetch_bytes() {
 template <typename T, int N, int HIDDEN, int VEC>
 __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
   constexpr bool kPrefetch = dx_mma_prefetch_bytes<T>() > 0;
-  constexpr int NB = n_bound<N>() < kMmaMaxN ? n_bound<N>() : kMmaMaxN;  // the launcher
-  constexpr int TM = kMmaTokens;                                         // checks n ≤ NB
-  constexpr int KS = (num_logits(NB) + 15) / 16;                         // k-steps of 16 logits
+  constexpr int NB = mma_bound<N>();
+  constexpr int TM = kMmaTokens;
+  constexpr int KS = (num_logits(NB) + 15) / 16;  // k-steps of 16 logits
   __shared__ PreDxMmaShared<NB> s;
   const int n = N ? N : a.n;
   const int m = num_logits(n);
@@ -835,8 +842,8 @@ __global__ void __launch_bounds__(kThreads) pre_bwd_dx_mma_kernel(Args a) {
 // φ's fragments, then the kernel.
 template <typename T, int N, int HIDDEN, int VEC>
 int launch_dx_mma(dim3 grid, stream_t stream, const Args& a) {
-  constexpr int NB = n_bound<N>() < kMmaMaxN ? n_bound<N>() : kMmaMaxN;
-  if (const int status = launch_phi_fragments<NB>(a, stream); status != kOk) return status;
+  if (const int status = launch_phi_fragments<mma_bound<N>()>(a, stream); status != kOk)
+    return status;
   return launch_with_smem(pre_bwd_dx_mma_kernel<T, N, HIDDEN, VEC>, grid,
                           size_t(dx_mma_prefetch_bytes<T>()), stream, a);
 }
