@@ -475,6 +475,15 @@ def _phi_fragments(x) -> torch.Tensor | None:
     return empty((n * c, 16 * steps), torch.int32, x.device)
 
 
+def _dx_mma_aligned(x, *others) -> bool:
+    """Whether pre's tensor-core ∂x kernel takes these tensors (its launcher's test: C a
+    multiple of one 16-byte vector, 16-byte aligned data); where it does, the CUDA-core
+    kernel's φᵀ is not made."""
+    if x.shape[-1] % (16 // x.element_size()):
+        return False
+    return all(v is None or v.data_ptr() % 16 == 0 for v in (x, *others))
+
+
 def _pre_token_grad_buffers(t: int, n: int, iters: int, device) -> tuple:
     """The per-token outputs of pre's token kernel (fp32): ∂h̃ and ∂z [T, m], ∂α [T, 3],
     and the scratch rows (the Sinkhorn divisors, then H_pre and ∂r for the ∂x kernels)."""
@@ -496,13 +505,15 @@ def pre_dynamic_backward(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, p
     gemm = _gemm_dz_phi(x, n)
     dx = None if gemm else empty(x.shape, x.dtype, x.device)
     dlogits, dz, dalpha_tok, scratch = _pre_token_grad_buffers(t, n, iters, x.device)
+    frags = None if gemm else _phi_fragments(x)
+    mma = frags is not None and _dx_mma_aligned(x, grad_u, grad_x_in)
     if t:
         launch(Op.PRE_BWD_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
                sinkhorn_iters=iters, eps_rms=eps_rms, eps_sk=eps_sk, post_mult=post_mult,
                x=x, phi=phi, alpha=alpha, bias=b, grad_out=grad_u, grad_h_pre_in=grad_h_pre,
                grad_h_post_in=grad_h_post, grad_h_res_in=grad_h_res, z_in=z, r_in=r,
-               phi_t=None if gemm else phi.t().contiguous(),
-               phi_fragments=None if gemm else _phi_fragments(x), grad_x_in=grad_x_in, grad_x=dx,
+               phi_t=None if gemm or mma else phi.t().contiguous(), phi_fragments=frags,
+               grad_x_in=grad_x_in, grad_x=dx,
                grad_logits=dlogits, grad_z=dz, grad_alpha_tok=dalpha_tok,
                scratch=scratch)  # fmt: skip
     if gemm:
