@@ -35,8 +35,12 @@ def _coeff_outputs(lead, n, device):
 
 
 # Below this many multiply-adds (T·n·C·m) the fused kernel's own projection on CUDA cores
-# costs less than the GEMM path's seven host-side torch calls (φ split, cuBLAS, the sum).
+# costs less than the GEMM path's seven host-side torch calls (φ split, cuBLAS, the sum),
+# unless one token's share is past the second bound: a block's projection runs its tokens'
+# n·C·m multiply-adds serially (H200, 128 × 1280 × 8, bf16: the layer kernel took 283 µs
+# where the GEMM path's whole layer took 30 at 256 tokens).
 _GEMM_PROJECTION_MIN_FMA = 1 << 27
+_GEMM_PROJECTION_MIN_TOKEN_FMA = 1 << 19
 
 
 def _gemm_projection(x) -> bool:
@@ -45,7 +49,9 @@ def _gemm_projection(x) -> bool:
     if not x.is_cuda or torch.version.hip is not None:
         return False
     n = x.shape[-2]
-    return x.numel() * reference.num_logits(n) >= _GEMM_PROJECTION_MIN_FMA
+    m = reference.num_logits(n)
+    token_fma = n * x.shape[-1] * m
+    return token_fma >= _GEMM_PROJECTION_MIN_TOKEN_FMA or x.numel() * m >= _GEMM_PROJECTION_MIN_FMA
 
 
 def projection(x, phi):

@@ -265,6 +265,8 @@ def test_projection_and_dz_phi_gemms_where_the_work_pays(monkeypatch):
     assert not gpu._gemm_projection(_CudaLike(320, 4, 1280))  # seed config: fused kernel
     assert gpu._gemm_projection(_CudaLike(16384, 4, 4096))
     assert gpu._gemm_projection(_CudaLike(32, 32, 1280))  # n = 32: m = 1088 logits a token
+    assert gpu._gemm_projection(_CudaLike(128, 8, 1280))  # a token's n·C·m past the bound
+    assert not gpu._gemm_projection(_CudaLike(512, 4, 1920))  # seed config: fused kernel
     assert not gpu._gemm_dz_phi(_CudaLike(16384, 8, 4096), 8)
     assert gpu._gemm_dz_phi(_CudaLike(1024, 16, 4096), 16)
     monkeypatch.setattr(gpu.torch.version, "hip", "6.2")
