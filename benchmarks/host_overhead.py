@@ -22,33 +22,38 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import pathlib
 import pstats
 import statistics
 import sys
 import time
+import types
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import mhc_gen  # noqa: E402
-from mhc_gen import _launch, gpu, library  # noqa: E402
+from mhc_gen import _launch, _loader, gpu, library  # noqa: E402
 from mhc_gen import reference as R  # noqa: E402
 
 
 def _stub_launches() -> None:
-    """The GPU path on CPU tensors: launches build their pointer list, then return."""
-    slots = _launch._SLOT
+    """The GPU path on CPU tensors: everything down to the dispatch module's launch call
+    (variant selection, pointer list, stream query), which is a no-op."""
+    from generator.profiles import specs_for
+    from generator.spec import Arch
 
-    def launch(op, device, dtype, *, n, hidden, tokens, **kw):
-        ptrs = [0] * len(slots)
-        for name, t in kw.items():
-            if isinstance(t, torch.Tensor):
-                ptrs[slots[name]] = t.data_ptr()
-
+    names = sorted(s.name for s in specs_for(Arch.SM90))
+    module = types.SimpleNamespace(launch=lambda *args: None)
+    _loader.module = lambda backend: module
+    _loader.table = functools.cache(lambda backend: {n: i for i, n in enumerate(names)})
+    _launch.target_arch = lambda index: ("cuda", Arch.SM90)
+    _launch.device_name = lambda index: "mock"
+    _launch._raw_stream = lambda index: 0
+    torch.cuda.current_device = lambda: 0
     library._on_cpu = lambda t: False
-    gpu.launch = launch
     gpu._phi_splits = lambda t, k, device: 4
     gpu._sm_count = lambda device: 132
     gpu._fused_layer_backward = lambda x: True  # the path CUDA takes at these sizes
@@ -148,6 +153,7 @@ def cases(args, device):
         "connection fwd+bwd": backward(connection),
         "layer_dynamic fwd (no grad)": no_grad(layer),
         "layer_dynamic fwd+bwd": backward(layer),
+        "layer_static fwd (no grad)": no_grad(lambda: mhc_gen.layer_static(x, w, b)),
         "layer_static fwd+bwd": backward(lambda: mhc_gen.layer_static(x, w, b)),
         "post_static fwd (no grad)": no_grad(static),
     }

@@ -15,7 +15,14 @@ PROJ_MAX_N = 8  # the tensor-core projection's accumulators: m = 80 logits a tok
 TILES = (1, 2, 4, 8, 16)  # tokens per block
 
 
-class Op(enum.Enum):
+class _Enum(enum.Enum):
+    """Hashed by identity (members are singletons): Enum.__hash__ is a Python call, 0.3 µs
+    a member in the keys of the launch path's caches."""
+
+    __hash__ = object.__hash__
+
+
+class Op(_Enum):
     """What a variant computes; the suffix says whether H is per token or per layer."""
 
     COEFFS_DYN = "coeffs_dyn"
@@ -108,7 +115,7 @@ class Op(enum.Enum):
         return f"mhc::Op::{base.capitalize()}"
 
 
-class DType(enum.Enum):
+class DType(_Enum):
     BF16 = "bf16"
     FP16 = "fp16"
     FP32 = "fp32"
@@ -125,7 +132,7 @@ class ArchTraits:
     full_build: bool  # False: only device assembly can be produced on this toolchain
 
 
-class Arch(enum.Enum):
+class Arch(_Enum):
     SM80 = "sm_80"
     SM90 = "sm_90"
     SM100 = "sm_100"

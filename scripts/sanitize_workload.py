@@ -46,7 +46,8 @@ TWO_PASS_PATHS = dict(MANY_TOKENS_PATHS, _TWO_PASS_MIN_TOKENS=0)
 
 
 def main():
-    cases = [((4, 1280), {}), ((4, 77), {}), ((3, 64), {}), ((32, 40), {})]
+    # n = 32 at C = 1100: the layer's row groups and column chunks, with a ragged last chunk.
+    cases = [((4, 1280), {}), ((4, 77), {}), ((3, 64), {}), ((32, 40), {}), ((32, 1100), {})]
     cases += [((4, 1280), MANY_TOKENS_PATHS), ((2, 64), MANY_TOKENS_PATHS)]
     cases += [((4, 1280), TWO_PASS_PATHS), ((3, 72), TWO_PASS_PATHS)]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -206,6 +206,25 @@ def test_static_h_once_is_bitwise_the_per_block_h(op, n, c):
     assert bitwise_equal(outs[0], outs[1]), f"{op}: H from one launch differs bitwise"
 
 
+@pytest.mark.parametrize(("n", "c"), [(32, 1280), (16, 2560), (20, 1400)])
+def test_layer_row_groups_are_bitwise_the_whole_rows(n, c):
+    """At n ≥ 16 over few tokens the layer's blocks split x_next's rows and columns (37 tokens:
+    10 token blocks, so several row groups and column chunks, the last one ragged at C =
+    1400); at 1100 tokens each block writes whole tokens. The first 37 tokens of the long call
+    are bitwise the short call (static H: no projection to differ). Two tokens of these sizes
+    pass the staged kernel's 100 KB: token_kernel serves both."""
+    g = torch.Generator().manual_seed(n * c)
+    dev = torch.device("cuda")
+    x = torch.randn(1100, n, c, generator=g).bfloat16().to(dev)
+    b = (2 * torch.randn(reference.num_logits(n), generator=g)).to(dev)
+    w = (1 + 0.2 * torch.randn(c, generator=g)).to(dev)
+    with poisoned_outputs():
+        short = mhc_gen.layer_static(x[:37].contiguous(), w, b)
+        whole = mhc_gen.layer_static(x, w, b)
+    assert not short.isnan().any()
+    assert bitwise_equal(short, whole[:37]), "row groups differ from whole rows bitwise"
+
+
 @pytest.mark.parametrize(
     "n, c, dtype",
     [
