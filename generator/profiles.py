@@ -10,7 +10,10 @@ HOT_HIDDEN = (1280, 1920, 2560, 4096, 7168)
 HOT_DTYPES = (DType.BF16, DType.FP32)
 # Compile-time n with run-time hidden; n = None serves every other n ≤ 32.
 GENERIC_N = (2, 4, 8, 16, 32, None)
-PROFILES = ("minimal", "default", "tune", "full")
+PROFILES = ("check", "minimal", "default", "tune", "full")
+# check: minimal's run-time-n variants in bf16 only (fp32 where an op has no x): every kernel
+# family's code for an arch, without its dtype copies (CI compiles it for the archs that the
+# default build leaves out).
 # full: every n from 1 to 32 at compile time, and the hot sizes in every dtype.
 FULL_N = (*range(1, 33), None)
 # tune: the default build plus alternative tiles at the benchmark's size, for the autotuner
@@ -66,13 +69,19 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     specs: set[KernelSpec] = set()
-    generic_n = {"minimal": (None,), "default": GENERIC_N, "tune": GENERIC_N, "full": FULL_N}[
-        profile
-    ]
+    generic_n = {
+        "check": (None,),
+        "minimal": (None,),
+        "default": GENERIC_N,
+        "tune": GENERIC_N,
+        "full": FULL_N,
+    }[profile]
     hot_dtypes = tuple(DType) if profile == "full" else HOT_DTYPES
     tiled_hidden = {"tune": TUNE_HIDDEN, "full": HOT_HIDDEN}.get(profile, ())
     for op in Op:
         dtypes = tuple(DType) if op.needs_x else (DType.FP32,)
+        if profile == "check" and op.needs_x:
+            dtypes = (DType.BF16,)
         for dtype in dtypes:
             for n in generic_n:
                 spec = _spec(op, n, None, dtype, arch)
@@ -80,7 +89,7 @@ def specs_for(arch: Arch, profile: str = "default") -> list[KernelSpec]:
                     specs.add(spec)
         if profile in ("tune", "full") and op is Op.PROJ_DYN:  # its tile at the hot n
             specs.update(_alternative_tiles(op, HOT_N, None, DType.BF16, arch))
-        if profile != "minimal" and op.specialises_hidden:
+        if profile not in ("check", "minimal") and op.specialises_hidden:
             for dtype in hot_dtypes:
                 for hidden in HOT_HIDDEN:
                     specs.add(_spec(op, HOT_N, hidden, dtype, arch))
