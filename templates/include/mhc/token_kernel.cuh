@@ -10,6 +10,7 @@
 #pragma once
 
 #include "args.h"
+#include "layer_split.h"
 #include "platform.h"
 #include "token_math.h"
 
@@ -263,20 +264,34 @@ __global__ void __launch_bounds__(kThreadCoeffsBlock) coeffs_thread_kernel(Args 
   constexpr int m = num_logits(N);
   const int64_t t = int64_t(blockIdx.x) * kThreadCoeffsBlock + threadIdx.x;
   if (t >= a.tokens) return;
-  float z[m], h_pre[N], h_post[N], M[N * N];
+  float z[m], bias[m], alpha[3], h_pre[N], h_post[N], M[N * N];
+  // Every load of a split at once, the splits then added in projected_logit's order (the same
+  // bits): a loop over the splits a logit made each logit's loads wait for the last one's
+  // (24 dependent round trips at n = 4), and the bias loads wait behind z's stores.
+  const float* zin = a.in<float>(kZIn);
 #pragma unroll
-  for (int k = 0; k < m; ++k) z[k] = projected_logit(a, t, m, k);
-  const float r = projected_rms(a, t, int64_t(N) * a.hidden);
-  if (float* zo = a.out<float>(kZOut))
+  for (int k = 0; k < m; ++k) z[k] = zin[t * m + k];
 #pragma unroll
-    for (int k = 0; k < m; ++k) zo[t * m + k] = z[k];
-  if (float* ro = a.out<float>(kROut)) ro[t] = r;
+  for (int k = 0; k < m; ++k) bias[k] = a.in<float>(kBias)[k];
+#pragma unroll
+  for (int g = 0; g < 3; ++g) alpha[g] = a.in<float>(kAlpha)[g];
+  float r;
+  if (const float* sq = a.in<float>(kSqIn)) {
+    float v = sq[t];
+    for (int p = 1; p < a.splits; ++p) {
+#pragma unroll
+      for (int k = 0; k < m; ++k) z[k] += zin[(p * a.tokens + t) * m + k];
+      v += sq[p * a.tokens + t];
+    }
+    r = token_rms(v, int64_t(N) * a.hidden, a.eps_rms);
+  } else {
+    r = a.in<float>(kRIn)[t];
+  }
   float max_logit = -__builtin_inff();
 #pragma unroll
   for (int i = 0; i < N; ++i)
-    max_logit =
-        fmaxf(max_logit, coefficient_row(i, N, z, r, a.in<float>(kAlpha), a.in<float>(kBias),
-                                         a.post_mult, h_pre, h_post, M, N));
+    max_logit = fmaxf(max_logit,
+                      coefficient_row(i, N, z, r, alpha, bias, a.post_mult, h_pre, h_post, M, N));
 #pragma unroll
   for (int i = 0; i < N; ++i) sinkhorn_exp_row(M, N, N, i, max_logit);
   for (int it = 0; it < a.sinkhorn_iters; ++it) {
@@ -293,6 +308,10 @@ __global__ void __launch_bounds__(kThreadCoeffsBlock) coeffs_thread_kernel(Args 
   if (float* h = a.out<float>(kHRes))
 #pragma unroll
     for (int k = 0; k < N * N; ++k) h[t * N * N + k] = M[k];
+  if (float* zo = a.out<float>(kZOut))
+#pragma unroll
+    for (int k = 0; k < m; ++k) zo[t * m + k] = z[k];
+  if (float* ro = a.out<float>(kROut)) ro[t] = r;
 }
 
 // Writes slot's H (and, for the backward, z and r) to global memory at token t.
@@ -459,32 +478,6 @@ MHC_DEV void layer_vector(const T* xt, T* ot, int64_t C, int n, const float* h_p
   post_vector<T, NB, VEC>(xt, y, ot, C, n, h_post, h_res, c, i_lo, i_hi);
 }
 
-// token_kernel's layer at n ≥ 16 over few tokens: grid.y splits x_next's rows into groups
-// of whole quads, one a block, and grid.z its columns into chunks of at least a block's
-// width, so that T·C·n² multiply-adds spread over more blocks than T / TM (H200, 32 × 1280
-// × 32: 8 blocks, 74 µs with the Sinkhorn's 8 of it; 64 blocks of row groups, 41 µs).
-// Every block still reduces its tokens' Σu² whole, and each output is computed as before:
-// bitwise.
-constexpr int kLayerRowsMinN = 16;
-constexpr int kLayerWantBlocks = 256;
-
-template <int NB>
-MHC_CX int layer_row_groups(int64_t token_blocks, int n) {
-  if (NB < kLayerRowsMinN) return 1;
-  const int64_t want = (kLayerWantBlocks + token_blocks - 1) / token_blocks;
-  if (want <= 1) return 1;
-  const int per = int((n + want - 1) / want + 3) / 4 * 4;  // rows a group, whole quads
-  return (n + per - 1) / per;
-}
-
-template <int NB, int VEC>
-MHC_CX int layer_column_chunks(int64_t blocks, int64_t C) {
-  if (NB < kLayerRowsMinN || blocks >= kLayerWantBlocks) return 1;
-  const int64_t want = (kLayerWantBlocks + blocks - 1) / blocks;
-  const int64_t most = (C + int64_t(kThreads) * VEC - 1) / (int64_t(kThreads) * VEC);
-  return int(want < most ? want : most);
-}
-
 // PROJECT: phase 1 runs here (no z from a GEMM). A separate
 // instantiation, as its TM × 24 accumulators would otherwise set the register count
 // (and so the occupancy) of the kernels that are given z.
@@ -592,13 +585,12 @@ __global__ void __launch_bounds__(kThreads) token_kernel(Args a) {
     const float sum_sq = token_sums(sq, s, TM);
     if (threadIdx.x < TM) s.sum_sq[threadIdx.x] = 1.0f / token_rms(sum_sq, C, a.eps_rms);
     __syncthreads();
-    // This block's rows of x_next: all, or its group (layer_row_groups).
-    const int rows =
-        NB >= kLayerRowsMinN ? ((n + int(gridDim.y) - 1) / int(gridDim.y) + 3) / 4 * 4 : NB;
+    // This block's rows of x_next and its columns: all, or its group of grid.y and chunk of
+    // grid.z (mhc/layer_split.h).
+    const int rows = NB >= kLayerRowsMinN ? layer_group_rows(n, int(gridDim.y)) : NB;
     const int i_lo = NB >= kLayerRowsMinN ? int(blockIdx.y) * rows : 0;
     const int i_hi = i_lo + rows;
-    // and its columns: all, or its chunk of grid.z (layer_column_chunks).
-    const int64_t cols = ((C + gridDim.z - 1) / gridDim.z + VEC - 1) / VEC * VEC;
+    const int64_t cols = layer_chunk_cols(C, int64_t(gridDim.z), VEC);
     const int64_t col_lo = NB >= kLayerRowsMinN ? int64_t(blockIdx.z) * cols : 0;
     const int64_t col_hi = NB >= kLayerRowsMinN && col_lo + cols < C ? col_lo + cols : C;
 #pragma unroll
@@ -820,15 +812,15 @@ int launch(const Args& a) {
     // counts still fill the GPU.
     const bool split = OP == Op::Post || (OP == Op::Pre && !DYN);
     const int64_t per_block = int64_t(kThreads) * VEC * 4;
-    // The layer's row groups: not where it projects on CUDA cores (ROCm), which each group
-    // would repeat whole.
-    const int64_t chunks = split ? (a.hidden + per_block - 1) / per_block
-                           : OP == Op::Layer && !project
-                               ? layer_row_groups<n_bound<N>()>(blocks, a.n)
-                               : 1;
-    const int64_t col_chunks = OP == Op::Layer && !project ? layer_column_chunks<n_bound<N>(), VEC>(
-                                                                 blocks * chunks, a.hidden)
-                                                           : 1;
+    // The layer's row groups and column chunks: not where it projects on CUDA cores (ROCm),
+    // which each block would repeat whole.
+    const bool layer_split = OP == Op::Layer && !project;
+    const int64_t chunks = split         ? (a.hidden + per_block - 1) / per_block
+                           : layer_split ? layer_row_groups(n_bound<N>(), blocks, a.n)
+                                         : 1;
+    const int64_t col_chunks =
+        layer_split ? layer_column_chunks(n_bound<N>(), blocks * chunks, a.hidden, kThreads * VEC)
+                    : 1;
     const dim3 grid(unsigned(blocks), unsigned(chunks < 65535 ? chunks : 65535),
                     unsigned(col_chunks));
     // Phase 1 in this kernel exists only for dynamic pre and layer.
