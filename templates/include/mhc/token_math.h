@@ -51,6 +51,23 @@ MHC_HD float coefficient_row(int i, int n, const float* z, float r, const float*
   return row_max;
 }
 
+// 1 / d for the Sinkhorn's divisors. On CUDA devices `1.0f / d` is a fast path behind a
+// branch to a slow one (denormals, huge d), and a branch each kept a step's n reciprocals
+// from overlapping: a token's Sinkhorn a thread issued one at a time (H200, session 23).
+// Here: the hardware approximation and one Newton step, branch-free (≤ 1 ulp; the host and
+// ROCm divide). Every GPU form of the Sinkhorn and its backward calls this, so they agree
+// bitwise with each other; each agrees with the float64 reference within its tolerance.
+MHC_HD float sinkhorn_reciprocal(float d) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rcp.approx.f32 %0, %1;" : "=f"(r) : "f"(d));
+  const float refined = fmaf(r, fmaf(-d, r, 1.0f), r);
+  return __builtin_isinf(r) ? r : refined;  // d = 0 or denormal: 1 / d is ∞, not NaN
+#else
+  return 1.0f / d;
+#endif
+}
+
 // Sinkhorn-Knopp on an n×n matrix M stored row-major with leading dim ld.
 // One step is split by the row or column it owns, so that on the GPU lane k
 // runs step(k) for all k at once and on the host a loop over k does the same.
@@ -67,7 +84,7 @@ MHC_HD void sinkhorn_exp_row(float* M, int ld, int n, int i, float max_logit) {
 MHC_HD float sinkhorn_col_step(float* M, int ld, int n, int j, float eps) {
   float s = 0.0f;
   for (int i = 0; i < n; ++i) s += M[i * ld + j];
-  const float d = s + eps, inv = 1.0f / d;
+  const float d = s + eps, inv = sinkhorn_reciprocal(d);
   for (int i = 0; i < n; ++i) M[i * ld + j] *= inv;
   return d;
 }
@@ -76,7 +93,7 @@ MHC_HD float sinkhorn_col_step(float* M, int ld, int n, int j, float eps) {
 MHC_HD float sinkhorn_row_step(float* M, int ld, int n, int i, float eps) {
   float s = 0.0f;
   for (int j = 0; j < n; ++j) s += M[i * ld + j];
-  const float d = s + eps, inv = 1.0f / d;
+  const float d = s + eps, inv = sinkhorn_reciprocal(d);
   for (int j = 0; j < n; ++j) M[i * ld + j] *= inv;
   return d;
 }
@@ -87,7 +104,7 @@ MHC_HD float sinkhorn_row_step(float* M, int ld, int n, int i, float eps) {
 MHC_HD void sinkhorn_col_step_bwd(float* M, float* dM, int ld, int n, int j, float d) {
   float dot = 0.0f;
   for (int k = 0; k < n; ++k) dot += dM[k * ld + j] * M[k * ld + j];
-  const float inv = 1.0f / d;
+  const float inv = sinkhorn_reciprocal(d);
   for (int i = 0; i < n; ++i) {
     dM[i * ld + j] = (dM[i * ld + j] - dot) * inv;
     M[i * ld + j] *= d;
@@ -98,7 +115,7 @@ MHC_HD void sinkhorn_col_step_bwd(float* M, float* dM, int ld, int n, int j, flo
 MHC_HD void sinkhorn_row_step_bwd(float* M, float* dM, int ld, int n, int i, float d) {
   float dot = 0.0f;
   for (int k = 0; k < n; ++k) dot += dM[i * ld + k] * M[i * ld + k];
-  const float inv = 1.0f / d;
+  const float inv = sinkhorn_reciprocal(d);
   for (int j = 0; j < n; ++j) {
     dM[i * ld + j] = (dM[i * ld + j] - dot) * inv;
     M[i * ld + j] *= d;
