@@ -251,11 +251,9 @@ MHC_DEV void coefficients(const Args& a, int n, int slot, const float* z, float 
 // column or row step touches its own column or row, so the steps one after another are the warp's
 // steps side by side; the max is exact in any order), so bitwise its H. In a block that also mixes,
 // a token's Sinkhorn (one warp) holds up the other warps: ≈ 6 µs a token at n = 4
-// (notes/PERF.md, session 13); in a launch of their own 16,384 tokens took 0.074 ms as a
-// warp a token (H200, session 14).
-// Blocks of one warp: 16,384 tokens are 512 blocks, over every SM (256-thread blocks made
-// them 64, fewer than an H200's 132 SMs; 0.043 ms in session 14, the warp blocks not yet
-// measured).
+// (notes/PERF.md, session 13). Blocks of one warp: 16,384 tokens are 512 blocks, over every
+// SM, yet only ≈ 4 warps an SM, so each thread's chain sets the time (7.6 µs for 16,384
+// tokens at n = 4 on an H200, session 23; 24 µs before its loads, rows and reciprocals).
 constexpr int kThreadCoeffsMaxN = 8;
 constexpr int kThreadCoeffsBlock = 32;
 
