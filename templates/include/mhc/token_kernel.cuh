@@ -302,6 +302,19 @@ MHC_DEV void rows_to(float* dst, int64_t t0, int nt, const BlockRows<W>& rows) {
   __syncthreads();
 }
 
+// rows_to from each thread's row v, through shared rows of RP − 1 ≥ W floats (a wider
+// buffer viewed as W wide; the barrier first: every thread is past its reads of them).
+template <int W, int RP>
+MHC_DEV void put_rows(float* dst, int64_t t0, int nt, float (&rows)[kThreadCoeffsBlock][RP],
+                      const float (&v)[W]) {
+  static_assert(W < RP, "the shared rows hold the widest");
+  auto& view = reinterpret_cast<BlockRows<W>&>(rows);
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < W; ++k) view[threadIdx.x][k] = v[k];
+  rows_to<W>(dst, t0, nt, view);
+}
+
 template <int N>
 __global__ void __launch_bounds__(kThreadCoeffsBlock) coeffs_thread_kernel(Args a) {
   constexpr int m = num_logits(N);
@@ -352,27 +365,10 @@ __global__ void __launch_bounds__(kThreadCoeffsBlock) coeffs_thread_kernel(Args 
 #pragma unroll
     for (int i = 0; i < N; ++i) sinkhorn_row_step(M, N, N, i, a.eps_sk);
   }
-  // The outputs through the same shared rows (every thread is past its reads of z).
-  auto& hr = reinterpret_cast<BlockRows<N * N>&>(rows);
-  auto& hv = reinterpret_cast<BlockRows<N>&>(rows);
-  if (float* h = a.out<float>(kHRes)) {
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < N * N; ++k) hr[lane][k] = M[k];
-    rows_to<N * N>(h, t0, nt, hr);
-  }
-  if (float* h = a.out<float>(kHPre)) {
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < N; ++i) hv[lane][i] = h_pre[i];
-    rows_to<N>(h, t0, nt, hv);
-  }
-  if (float* h = a.out<float>(kHPost)) {
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < N; ++i) hv[lane][i] = h_post[i];
-    rows_to<N>(h, t0, nt, hv);
-  }
+  // The outputs through the same shared rows.
+  if (float* h = a.out<float>(kHRes)) put_rows<N * N>(h, t0, nt, rows, M);
+  if (float* h = a.out<float>(kHPre)) put_rows<N>(h, t0, nt, rows, h_pre);
+  if (float* h = a.out<float>(kHPost)) put_rows<N>(h, t0, nt, rows, h_post);
 }
 
 // Writes slot's H (and, for the backward, z and r) to global memory at token t.
