@@ -3,23 +3,15 @@
 is owned by exactly one block, no block is left without work, and n < 16 never splits."""
 
 import ctypes
-import subprocess
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from generator.render import INCLUDE
-
-SHIM = __import__("pathlib").Path(__file__).parent / "host" / "layer_split_shim.cpp"
-
 
 @pytest.fixture(scope="module")
-def split(tmp_path_factory):
-    so = tmp_path_factory.mktemp("shim") / "layer_split.so"
-    cmd = ["c++", "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{INCLUDE}", str(SHIM), "-o", str(so)]
-    subprocess.run(cmd, check=True)
-    fn = ctypes.CDLL(str(so)).shim_layer_split
+def split(host_shim):
+    fn = host_shim("layer_split").shim_layer_split
 
     def call(nb, token_blocks, n, c, vec):
         g, k, r, w = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_longlong()

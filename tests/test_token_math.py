@@ -2,25 +2,18 @@
 for the host, against mhc_gen.reference."""
 
 import ctypes
-import subprocess
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generator.render import INCLUDE
 from mhc_gen import reference
-
-SHIM = __import__("pathlib").Path(__file__).parent / "host" / "token_math_shim.cpp"
 
 
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    so = tmp_path_factory.mktemp("shim") / "token_math.so"
-    cmd = ["c++", "-O2", "-std=c++17", "-shared", "-fPIC", f"-I{INCLUDE}", str(SHIM), "-o", str(so)]
-    subprocess.run(cmd, check=True)
-    lib = ctypes.CDLL(str(so))
+def lib(host_shim):
+    lib = host_shim("token_math")
     lib.shim_token_rms.restype = ctypes.c_float
     lib.shim_token_rms.argtypes = [ctypes.c_float, ctypes.c_longlong, ctypes.c_float]
     return lib
