@@ -54,6 +54,22 @@ def _gemm_projection(x) -> bool:
     return token_fma >= _GEMM_PROJECTION_MIN_TOKEN_FMA or x.numel() * m >= _GEMM_PROJECTION_MIN_FMA
 
 
+# Up to this many tokens, at n ≥ 16, the GEMMs with φ run in fp32 (cuBLAS SGEMM reading φ
+# once) instead of on φ split into bf16 parts each call: at n = 32, C = 1280 the split reads
+# 178 MB and writes 178 (88 µs a split). H200, session 24, graph replay of the dynamic layer:
+# T = 32 fwd 200 → 160 µs, fwd+bwd 1010 → 882; T = 64 fwd 214 → 224 (the SGEMM 141 µs), so
+# the limit is 32 (n = 16 is not measured: its φ is a quarter of the bytes and so is the
+# SGEMM's read). Only where fp32 matmuls are exact ("highest" precision, torch's default):
+# with TF32 allowed, the split keeps its ~17 bits.
+_FP32_GEMM_MAX_TOKENS = 32
+_FP32_GEMM_MIN_N = 16
+
+
+def _fp32_gemm(t: int, n: int) -> bool:
+    return (t <= _FP32_GEMM_MAX_TOKENS and n >= _FP32_GEMM_MIN_N
+            and torch.get_float32_matmul_precision() == "highest")  # fmt: skip
+
+
 def projection(x, phi):
     """z = x̄·φ on tensor cores for bf16 x on CUDA: one cuBLAS bf16 GEMM on φ split into
     bf16 hi + lo (x exact, φ to ~17 bits, fp32 accumulation; deterministic), or None
@@ -63,6 +79,8 @@ def projection(x, phi):
     t, n, c = _dims(x)
     if x.dtype != torch.bfloat16 or t == 0 or not _gemm_projection(x):
         return None
+    if _fp32_gemm(t, n):
+        return torch.mm(x.view(t, n * c).float(), phi)
     m = reference.num_logits(n)
     both = torch.mm(x.view(t, n * c), _split_bf16_cat(phi, "hl", 1), out_dtype=torch.float32)
     return both[:, :m] + both[:, m:]
@@ -455,10 +473,13 @@ def _dx_by_gemm(x, grad_u, dz, phi, scratch, iters, grad_x_in):
     then the kernel's ∂x epilogue adds H_pre·∂u + ∂r·x̄ (+ grad_x_in) in one pass, with H_pre
     and ∂r from the scratch rows its token kernel left."""
     t, n, c = _dims(x)
-    # φ split along its rows as stored (coalesced; the GEMM takes the transposed view),
-    # not φᵀ copied by a strided read.
-    g = torch.mm(_split_bf16_cat(dz, "hhl", 1), _split_bf16_cat(phi, "hlh", 1).t(),
-                 out_dtype=torch.float32)  # fmt: skip
+    if _fp32_gemm(t, n):
+        g = torch.mm(dz, phi.t())
+    else:
+        # φ split along its rows as stored (coalesced; the GEMM takes the transposed view),
+        # not φᵀ copied by a strided read.
+        g = torch.mm(_split_bf16_cat(dz, "hhl", 1), _split_bf16_cat(phi, "hlh", 1).t(),
+                     out_dtype=torch.float32)  # fmt: skip
     dx = empty(x.shape, x.dtype, x.device)
     launch(Op.PRE_BWD_DYN, x.device, DTYPES[x.dtype], n=n, hidden=c, tokens=t,
            sinkhorn_iters=iters, x=x, grad_out=grad_u, grad_x_gemm=g, grad_x_in=grad_x_in,

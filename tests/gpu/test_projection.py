@@ -201,3 +201,23 @@ def test_coefficient_forms_are_bitwise_equal(iters):
         for first, second in zip(*outs, strict=True):
             assert not first.isnan().any()
             assert bitwise_equal(first, second), f"{name}: differs from {generic}"
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+@pytest.mark.parametrize("t", [1, 32, 33])
+def test_gemm_projection_at_few_tokens(precision, t):
+    """z = x̄·φ at n = 32 through cuBLAS: an fp32 SGEMM up to _FP32_GEMM_MAX_TOKENS tokens
+    where fp32 matmuls are exact, else φ split into bf16 hi + lo; both against float64."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    n, c = 32, 1280
+    x, phi, *_ = _inputs(t, n, c, 11 * t)
+    z_ref = x.double().view(t, n * c) @ phi.double()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        assert gpu._fp32_gemm(t, n) == (precision == "highest" and t <= gpu._FP32_GEMM_MAX_TOKENS)
+        z = gpu.projection(x.cuda(), phi.cuda())
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert_close(z, z_ref, "z", tol=Z_TOL)
