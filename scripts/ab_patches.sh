@@ -6,6 +6,7 @@
 # under $OUT/<form>/; the lines that compare them at the end. Timings compare only within
 # this one call on this one card; the working tree runs again last (AB_KEPT_AGAIN=0: not),
 # since a call's later runs have measured 3-12% slower on unchanged kernels (scripts/ab.sh).
+# AB_EXTRA: a command run in each form after those (its log's tail is printed).
 # (scripts/ab.sh compares against a commit instead.)
 #   bash scripts/ab_patches.sh notes/patches/a.patch notes/patches/b.patch
 set -uo pipefail
@@ -28,6 +29,11 @@ run_form() { # name
   # The kernels of the dynamic backward, and the fwd+bwd rows.
   grep -E "layer_bwd|pre_bwd|coeffs_thread" "$dir/profile.log" | awk '{print "  " $1, $2, $(NF-1)}'
   grep "fwd+bwd" "$dir/paths.log" | sed 's/^/  /'
+  if [ -n "${AB_EXTRA:-}" ]; then # a command of the caller's, e.g. a probe, in each form
+    timeout 120 bash -c "$AB_EXTRA" >"$dir/extra.log" 2>&1
+    echo "$1: extra rc $?"
+    tail -"${AB_EXTRA_TAIL:-20}" "$dir/extra.log" | sed 's/^/  /'
+  fi
 }
 
 run_form kept

@@ -5,10 +5,17 @@ the scalar path (C = 1280, 77), bf16 (the projection as a cuBLAS GEMM, r in the 
 kernel; for n = 32 the pre backward's ∂z·φᵀ as a GEMM too; at n = 4 and 2, C = 1280 and
 64, also the tensor-core projection with its coefficients launch, the layer given H and the
 layer backward given H, which the library takes from 4096 tokens; at n = 4 and 3 the layer
-backward in two passes, also from 4096 tokens), fp16 and fp32."""
+backward in two passes, also from 4096 tokens), fp16 and fp32.
+
+    python3 scripts/sanitize_workload.py                      # every case
+    python3 scripts/sanitize_workload.py --only "bfloat16 n=32 C=1100" \
+        --set _FP32_GEMM_MAX_TOKENS=0                          # the cases whose label has it,
+                                                               # with a gpu path constant set
+(scripts/initcheck_cases.sh runs such single cases under initcheck side by side.)"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from unittest import mock
 
@@ -45,13 +52,32 @@ MANY_TOKENS_PATHS = dict(_PROJECTION_KERNEL_MIN_TOKENS=0, _LAYER_BWD_H_ONCE_MIN_
 TWO_PASS_PATHS = dict(MANY_TOKENS_PATHS, _TWO_PASS_MIN_TOKENS=0)
 
 
+def _setting(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    if not name.startswith("_") or not hasattr(gpu, name) or not value.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of mhc_gen.gpu's _NAME=int")
+    return name, int(value)
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--only", default="", help="run the cases whose label contains this")
+    ap.add_argument("--set", type=_setting, action="append", default=[], metavar="_NAME=INT",
+                    help="patch a path constant of mhc_gen.gpu for the run")  # fmt: skip
+    args = ap.parse_args()
+    ran = 0
     # n = 32 at C = 1100: the layer's row groups and column chunks, with a ragged last chunk.
     cases = [((4, 1280), {}), ((4, 77), {}), ((3, 64), {}), ((32, 40), {}), ((32, 1100), {})]
     cases += [((4, 1280), MANY_TOKENS_PATHS), ((2, 64), MANY_TOKENS_PATHS)]
     cases += [((4, 1280), TWO_PASS_PATHS), ((3, 72), TWO_PASS_PATHS)]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for (n, c), paths in cases:
+            label = (
+                " (two-pass)" if paths is TWO_PASS_PATHS else " (many-token paths)" * bool(paths)
+            )
+            label = f"{dtype} n={n} C={c}{label}"
+            if args.only not in label:
+                continue
             g = torch.Generator().manual_seed(n * c)
             m = R.num_logits(n)
             leaf = dict(
@@ -62,15 +88,16 @@ def main():
                 b=torch.randn(m, generator=g),
                 y=torch.randn(5, c, generator=g).to(dtype),
             )
-            args = {k: v.to(DEVICE).requires_grad_() for k, v in leaf.items()}
-            with mock.patch.multiple(gpu, **paths) if paths else contextlib.nullcontext():
-                families(**args)
+            tensors = {k: v.to(DEVICE).requires_grad_() for k, v in leaf.items()}
+            patched = {**paths, **dict(args.set)}
+            with mock.patch.multiple(gpu, **patched) if patched else contextlib.nullcontext():
+                families(**tensors)
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
-            label = (
-                " (two-pass)" if paths is TWO_PASS_PATHS else " (many-token paths)" * bool(paths)
-            )
-            print(f"ok {dtype} n={n} C={c}{label}", flush=True)
+            print(f"ok {label}", flush=True)
+            ran += 1
+    if not ran:
+        raise SystemExit(f"no case's label contains {args.only!r}")
 
 
 if __name__ == "__main__":

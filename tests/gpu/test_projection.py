@@ -86,6 +86,40 @@ def test_projection_rejects_what_it_cannot_serve():
     assert not gpu._projection_kernel(x16, phi)  # n > 8: the kernel's accumulators
 
 
+def _one_hot(t, n, c):
+    """x with token t one-hot at k = 7·t mod n·C, φ[k, j] = (97·k + j) mod 16384: integers
+    of at most 14 bits, exact in bf16 hi + lo, so z[t] is φ's row k bit for bit."""
+    k = n * c
+    at = (torch.arange(t) * 7) % k
+    x = torch.zeros(t, k)
+    x[torch.arange(t), at] = 1.0
+    m = reference.num_logits(n)
+    phi = ((torch.arange(k)[:, None] * 97 + torch.arange(m)[None, :]) % 16384).float()
+    return x.bfloat16().view(t, n, c), phi, phi[at]
+
+
+ONE_HOT_CASES = [(4, 64, 128), (4, 256, 300), (4, 1280, 129), (4, 4096, 5000), (2, 64, 70),
+                 (8, 512, 257)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("n", "c", "t"), ONE_HOT_CASES)
+def test_projection_reads_each_token_and_k_where_it_should(n, c, t):
+    """Exact: a one-hot x picks one row of φ a token, so a misplaced swizzle, descriptor or
+    fragment shows as a wrong (token, logit) and the value it read instead."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    x, phi, want = _one_hot(t, n, c)
+    out = _twice(lambda: tuple(gpu.projection_partials(x.cuda(), phi.cuda())[k]
+                               for k in ("z_in", "sq_in")))  # fmt: skip
+    z, sq = (v.sum(0).cpu() for v in out)
+    bad = (z != want).nonzero()
+    if len(bad):
+        tok, j = bad[0].tolist()
+        pytest.fail(f"{len(bad)} of {z.numel()} logits wrong; first: token {tok}, logit {j}: "
+                    f"{z[tok, j].item()} (want {want[tok, j].item()})")  # fmt: skip
+    assert torch.equal(sq, torch.ones(t)), "Σx̄² of a one-hot token is 1"
+
+
 CASES = [(1, 64, 5), (2, 32, 70), (3, 64, 129), (4, 4096, 9), (4, 1280, 64), (8, 512, 33),
          (4, 7168, 3)]  # fmt: skip
 
