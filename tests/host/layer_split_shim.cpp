@@ -9,7 +9,7 @@ extern "C" {
 void shim_layer_split(int nb, long long token_blocks, int n, long long C, int vec, int* groups,
                       int* chunks, int* rows, long long* cols) {
   *groups = mhc::layer_row_groups(nb, token_blocks, n);
-  *chunks = mhc::layer_column_chunks(nb, token_blocks * *groups, C, 256LL * vec);
+  *chunks = mhc::layer_column_chunks(nb, token_blocks * *groups, C, int64_t(mhc::kThreads) * vec);
   *rows = mhc::layer_group_rows(n, *groups);
   *cols = mhc::layer_chunk_cols(C, *chunks, vec);
 }

@@ -11,6 +11,7 @@
 
 namespace mhc {
 
+constexpr int kThreads = 256;          // a block of the token kernels (here: the host shim sees it)
 constexpr int kLayerRowsMinN = 16;     // NB (n's bound) from which the layer splits
 constexpr int kLayerWantBlocks = 256;  // blocks enough to fill a GPU twice over
 

@@ -18,7 +18,6 @@ namespace mhc {
 
 enum class Op { Coeffs, Pre, Post, Layer };
 
-constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 
 // Compile-time bound on n: the variant's n, or kMaxN for the run-time-n variant.
