@@ -72,10 +72,8 @@ def main():
     cases += [((4, 1280), TWO_PASS_PATHS), ((3, 72), TWO_PASS_PATHS)]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for (n, c), paths in cases:
-            label = (
-                " (two-pass)" if paths is TWO_PASS_PATHS else " (many-token paths)" * bool(paths)
-            )
-            label = f"{dtype} n={n} C={c}{label}"
+            path = " (two-pass)" if paths is TWO_PASS_PATHS else " (many-token paths)" * bool(paths)
+            label = f"{dtype} n={n} C={c}{path}"
             if args.only not in label:
                 continue
             g = torch.Generator().manual_seed(n * c)
