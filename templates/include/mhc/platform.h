@@ -74,6 +74,20 @@ MHC_DEV void mma_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+// (u, v) ≈ hi + lo as bf16 pairs (u in the low half): hi rounded to nearest even, lo the
+// rounding error rounded; one hardware conversion a pair.
+MHC_DEV void split_pair(float u, float v, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(u, v);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(u - hf.x, v - hf.y);
+  __builtin_memcpy(&hi, &h, 4);
+  __builtin_memcpy(&lo, &l, 4);
+}
+// Σ of the squares of a bf16 pair.
+MHC_DEV float sq_pair(uint32_t v) {
+  const float lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xffff0000u);
+  return lo * lo + hi * hi;
+}
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define MHC_ASYNC_COPY 1
 // 16 bytes from global to shared memory without registers; visible to the block after

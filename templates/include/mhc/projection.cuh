@@ -76,12 +76,6 @@ MHC_DEV void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
                  : "r"(addr));
 }
 
-// Σ of the squares of a bf16 pair.
-MHC_DEV float sq_pair(uint32_t v) {
-  const float lo = __uint_as_float(v << 16), hi = __uint_as_float(v & 0xffff0000u);
-  return lo * lo + hi * hi;
-}
-
 template <int A, int B>
 MHC_DEV void zero_tiles(float (&v)[A][B][4]) {
 #pragma unroll

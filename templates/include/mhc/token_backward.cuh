@@ -634,16 +634,6 @@ __global__ void __launch_bounds__(kThreadCoeffsBlock) pre_bwd_token_thread_kerne
 // of bf16 operands split into hi + lo (∂z·φᵀ ≈ ∂z_hi·φ_hi + ∂z_hi·φ_lo + ∂z_lo·φ_hi, fp32
 // accumulate: the GEMM path's precision), in place of m FMAs per element on CUDA cores.
 
-// (u, v) ≈ hi + lo as bf16 pairs (u in the low half): hi rounded to nearest even, lo the
-// rounding error rounded; one hardware conversion a pair.
-MHC_DEV void split_pair(float u, float v, uint32_t& hi, uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(u, v);
-  const float2 hf = __bfloat1622float2(h);
-  const __nv_bfloat162 l = __floats2bfloat162_rn(u - hf.x, v - hf.y);
-  __builtin_memcpy(&hi, &h, 4);
-  __builtin_memcpy(&lo, &l, 4);
-}
-
 // pre's ∂x kernel runs on tensor cores for n ≤ 8, where its operand fragments (m/16
 // k-steps of ∂z) stay in registers; larger n take the GEMM path on CUDA.
 constexpr int kMmaMaxN = 8;
