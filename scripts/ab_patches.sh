@@ -6,7 +6,8 @@
 # under $OUT/<form>/; the lines that compare them at the end. Timings compare only within
 # this one call on this one card; the working tree runs again last (AB_KEPT_AGAIN=0: not),
 # since a call's later runs have measured 3-12% slower on unchanged kernels (scripts/ab.sh).
-# AB_EXTRA: a command run in each form after those (its log's tail is printed).
+# AB_EXTRA: a command run in each form after those (its log's tail is printed). AB_TESTS is
+# evaluated, so it may quote: AB_TESTS='tests/gpu/test_forward.py -k "a or b"'.
 # (scripts/ab.sh compares against a commit instead.)
 #   bash scripts/ab_patches.sh notes/patches/a.patch notes/patches/b.patch
 set -uo pipefail
@@ -21,8 +22,8 @@ run_form() { # name
   t0=$(date +%s)
   python3 build.py --arch sm_90 -j "$(nproc)" 2>&1 | tail -2 >"$dir/build.log"
   echo "$1: build $(($(date +%s) - t0)) s"
-  # shellcheck disable=SC2086
-  timeout 300 python3 -m pytest -m gpu -q -x -p no:cacheprovider $TESTS >"$dir/tests.log" 2>&1
+  # eval: AB_TESTS may quote, e.g. -k "projection or _dyn_"
+  eval "timeout 300 python3 -m pytest -m gpu -q -x -p no:cacheprovider $TESTS" >"$dir/tests.log" 2>&1
   echo "$1: tests rc $? ($(tail -1 "$dir/tests.log"))"
   timeout 90 python3 benchmarks/profile_ops.py >"$dir/profile.log" 2>&1
   timeout 90 python3 benchmarks/projection_paths.py --rounds 1 >"$dir/paths.log" 2>&1

@@ -314,6 +314,26 @@ MHC_DEV void put_rows(float* dst, int64_t t0, int nt, float (&rows)[kThreadCoeff
   rows_to<W>(dst, t0, nt, view);
 }
 
+// One token's H by one thread from its logits z and r, M (H_res, n × n) in registers.
+template <int N>
+MHC_DEV void thread_coefficients(const Args& a, const float (&z)[num_logits(N)], float r,
+                                 const float (&alpha)[3], const float (&bias)[num_logits(N)],
+                                 float (&h_pre)[N], float (&h_post)[N], float (&M)[N * N]) {
+  float max_logit = -__builtin_inff();
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    max_logit = fmaxf(max_logit,
+                      coefficient_row(i, N, z, r, alpha, bias, a.post_mult, h_pre, h_post, M, N));
+#pragma unroll
+  for (int i = 0; i < N; ++i) sinkhorn_exp_row(M, N, N, i, max_logit);
+  for (int it = 0; it < a.sinkhorn_iters; ++it) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) sinkhorn_col_step(M, N, N, j, a.eps_sk);
+#pragma unroll
+    for (int i = 0; i < N; ++i) sinkhorn_row_step(M, N, N, i, a.eps_sk);
+  }
+}
+
 template <int N>
 __global__ void __launch_bounds__(kThreadCoeffsBlock) coeffs_thread_kernel(Args a) {
   constexpr int m = num_logits(N);
@@ -351,19 +371,7 @@ __global__ void __launch_bounds__(kThreadCoeffsBlock) coeffs_thread_kernel(Args 
   } else {
     r = 1.0f;  // a row past T: computed on zeros, never stored
   }
-  float max_logit = -__builtin_inff();
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-    max_logit = fmaxf(max_logit,
-                      coefficient_row(i, N, z, r, alpha, bias, a.post_mult, h_pre, h_post, M, N));
-#pragma unroll
-  for (int i = 0; i < N; ++i) sinkhorn_exp_row(M, N, N, i, max_logit);
-  for (int it = 0; it < a.sinkhorn_iters; ++it) {
-#pragma unroll
-    for (int j = 0; j < N; ++j) sinkhorn_col_step(M, N, N, j, a.eps_sk);
-#pragma unroll
-    for (int i = 0; i < N; ++i) sinkhorn_row_step(M, N, N, i, a.eps_sk);
-  }
+  thread_coefficients<N>(a, z, r, alpha, bias, h_pre, h_post, M);
   // The outputs through the same shared rows.
   if (float* h = a.out<float>(kHRes)) put_rows<N * N>(h, t0, nt, rows, M);
   if (float* h = a.out<float>(kHPre)) put_rows<N>(h, t0, nt, rows, h_pre);
