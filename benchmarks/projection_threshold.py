@@ -3,6 +3,7 @@
 
     now     the library's rules (gpu.py)
     fused   the fused kernel's own projection on CUDA cores (no per-token GEMM bound)
+    fusedall  the same with no bound at all (one launch at every config)
     kernel  mhc_gen's tensor-core projection kernel from any token count (n ≤ 4)
     kernel8 the same up to n = 8
 
@@ -25,6 +26,7 @@ CONFIGS = [(128, 1280, 8), (256, 1280, 8), (64, 1280, 8), (32, 7168, 4), (320, 1
 RULES = {
     "now": {},
     "fused": {"_GEMM_PROJECTION_MIN_TOKEN_FMA": 1 << 62},
+    "fusedall": {"_GEMM_PROJECTION_MIN_TOKEN_FMA": 1 << 62, "_GEMM_PROJECTION_MIN_FMA": 1 << 62},
     "kernel": {"_PROJECTION_KERNEL_MIN_TOKENS": 0},
     "kernel8": {"_PROJECTION_KERNEL_MIN_TOKENS": 0, "_PROJECTION_KERNEL_MAX_N": 8},
 }

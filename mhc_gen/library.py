@@ -240,6 +240,10 @@ def _(grad_u, grad_h_pre, grad_h_post, grad_h_res, x, z, r, phi, alpha, b, *cfg)
 
 
 def _dynamic_setup(ctx, inputs, output):
+    # An unused output's gradient stays None (the kernels take a null ∂H as zero): the
+    # saved z and r never receive one, and materialising theirs cost two allocations and
+    # two fill launches a backward.
+    ctx.set_materialize_grads(False)
     x, phi, alpha, b, iters, eps_rms, eps_sk, post_mult = inputs
     z, r = output[-2:]
     ctx.save_for_backward(x, z, r, phi, alpha, b)
@@ -420,6 +424,7 @@ def _(x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult):
 
 
 def _layer_dynamic_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # as _dynamic_setup: no zeros for z's and r's gradients
     x, weight, phi, alpha, b, iters, eps_rms, eps_sk, post_mult = inputs
     ctx.save_for_backward(x, weight, phi, alpha, b, output[1], output[2])
     ctx.cfg = (iters, eps_rms, eps_sk, post_mult)
@@ -451,6 +456,8 @@ def _(grad, x, weight, phi, alpha, b, z, r, *cfg):
 
 
 def _layer_dynamic_bwd(ctx, g, _gz, _gr):
+    if g is None:  # x_next unused: every gradient is zero
+        return (None,) * 9
     x, weight, phi, alpha, b, z, r = ctx.saved_tensors
     grads = layer_dynamic_backward(_c(g), x, weight, phi, alpha, b, z, r, *ctx.cfg)
     return *grads, None, None, None, None
