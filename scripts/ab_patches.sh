@@ -20,7 +20,12 @@ run_form() { # name
   local dir="$OUT/$1" t0
   mkdir -p "$dir"
   t0=$(date +%s)
-  python3 build.py --arch sm_90 -j "$(nproc)" 2>&1 | tail -2 >"$dir/build.log"
+  # The whole log: a failed compile's error is far above its last lines.
+  if ! python3 build.py --arch sm_90 -j "$(nproc)" >"$dir/build.log" 2>&1; then
+    echo "$1: build failed after $(($(date +%s) - t0)) s; the form is skipped"
+    grep -m 3 -B 2 -A 6 "error" "$dir/build.log" | cut -c1-300 | sed 's/^/  /'
+    return
+  fi
   echo "$1: build $(($(date +%s) - t0)) s"
   # eval: AB_TESTS may quote, e.g. -k "projection or _dyn_"
   eval "timeout 300 python3 -m pytest -m gpu -q -x -p no:cacheprovider $TESTS" >"$dir/tests.log" 2>&1
