@@ -10,6 +10,7 @@
 # evaluated, so it may quote: AB_TESTS='tests/gpu/test_forward.py -k "a or b"'.
 # (scripts/ab.sh compares against a commit instead.)
 #   bash scripts/ab_patches.sh notes/patches/a.patch notes/patches/b.patch
+#   bash scripts/ab_patches.sh notes/patches/a.patch+notes/patches/b.patch   # both in one form
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -42,12 +43,36 @@ run_form() { # name
   fi
 }
 
+# A form is one patch, or several joined by '+' (a.patch+b.patch), applied in order: one
+# build measures patches whose kernels are independent (each one's new files included,
+# which a hand-made `git diff` of them applied together leaves out).
+apply_all() { # patches..., in order; on a failure undoes those applied
+  local done=() p
+  for p in "$@"; do
+    # patch(1) where git apply refuses; tried dry first, so a stale patch leaves no hunks
+    if git apply "$p" 2>/dev/null ||
+      { patch -p1 --forward -s --dry-run <"$p" >/dev/null && patch -p1 --forward -s <"$p"; }; then
+      done=("$p" "${done[@]}")
+    else
+      [ ${#done[@]} -gt 0 ] && revert_all "${done[@]}"
+      return 1
+    fi
+  done
+}
+revert_all() { # patches..., in the order given
+  local p
+  for p in "$@"; do git apply -R "$p" 2>/dev/null || patch -p1 -R -s <"$p"; done
+}
+
 run_form kept
-for patch in "$@"; do
-  name=$(basename "$patch" .patch)
-  if git apply "$patch" 2>/dev/null || patch -p1 --forward -s <"$patch"; then
+for form in "$@"; do
+  IFS=+ read -r -a patches <<<"$form"
+  name=$(for p in "${patches[@]}"; do basename "$p" .patch; done | paste -sd+)
+  if apply_all "${patches[@]}"; then
     run_form "$name"
-    git apply -R "$patch" 2>/dev/null || patch -p1 -R -s <"$patch"
+    reversed=()
+    for p in "${patches[@]}"; do reversed=("$p" "${reversed[@]}"); done
+    revert_all "${reversed[@]}"
   else
     echo "$name: does not apply"
   fi
