@@ -47,14 +47,14 @@ run_form() { # name
 # build measures patches whose kernels are independent (each one's new files included,
 # which a hand-made `git diff` of them applied together leaves out).
 apply_all() { # patches..., in order; on a failure undoes those applied
-  local done=() p
+  local applied=() p
   for p in "$@"; do
     # patch(1) where git apply refuses; tried dry first, so a stale patch leaves no hunks
     if git apply "$p" 2>/dev/null ||
       { patch -p1 --forward -s --dry-run <"$p" >/dev/null && patch -p1 --forward -s <"$p"; }; then
-      done=("$p" "${done[@]}")
+      applied=("$p" "${applied[@]}")
     else
-      [ ${#done[@]} -gt 0 ] && revert_all "${done[@]}"
+      [ ${#applied[@]} -gt 0 ] && revert_all "${applied[@]}"
       return 1
     fi
   done
