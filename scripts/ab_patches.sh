@@ -52,16 +52,19 @@ apply_all() { # patches..., in order; on a failure undoes those applied
     # patch(1) where git apply refuses; tried dry first, so a stale patch leaves no hunks
     if git apply "$p" 2>/dev/null ||
       { patch -p1 --forward -s --dry-run <"$p" >/dev/null && patch -p1 --forward -s <"$p"; }; then
-      applied=("$p" "${applied[@]}")
+      applied+=("$p")
     else
       [ ${#applied[@]} -gt 0 ] && revert_all "${applied[@]}"
       return 1
     fi
   done
 }
-revert_all() { # patches..., in the order given
-  local p
-  for p in "$@"; do git apply -R "$p" 2>/dev/null || patch -p1 -R -s <"$p"; done
+revert_all() { # patches..., as apply_all took them: undone last first
+  local i p
+  for ((i = $#; i >= 1; i--)); do
+    p=${!i}
+    git apply -R "$p" 2>/dev/null || patch -p1 -R -s <"$p"
+  done
 }
 
 run_form kept
@@ -70,9 +73,7 @@ for form in "$@"; do
   name=$(for p in "${patches[@]}"; do basename "$p" .patch; done | paste -sd+)
   if apply_all "${patches[@]}"; then
     run_form "$name"
-    reversed=()
-    for p in "${patches[@]}"; do reversed=("$p" "${reversed[@]}"); done
-    revert_all "${reversed[@]}"
+    revert_all "${patches[@]}"
   else
     echo "$name: does not apply"
   fi
