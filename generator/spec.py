@@ -177,6 +177,13 @@ class KernelSpec:
     def symbol(self) -> str:
         return f"mhc_{self.name}"
 
+    @property
+    def wgmma(self) -> bool:
+        """Whether the variant is built for sm_90a too (Hopper's warpgroup MMA, code that
+        runs on sm_90 only) beside its portable PTX: the projection at n = 4
+        (mhc/projection_wgmma.cuh)."""
+        return self.op is Op.PROJ_DYN and self.arch is Arch.SM90 and self.n in (None, 4)
+
 
 _NAME = re.compile(
     r"^(?P<op>[a-z_]+?_(?:dyn|static))_n(?P<n>\d+|any)_h(?P<hidden>\d+|any)"

@@ -57,20 +57,37 @@ class Compile:
     output_ext: str  # ".o", or ".s" where only device assembly can be made
 
 
-def compile_rule(arch: Arch) -> Compile:
+def compile_rule(arch: Arch, wgmma: bool = False) -> Compile:
+    """The rule for arch's variants; wgmma (KernelSpec.wgmma, sm_90 only): SASS for sm_90a
+    in place of sm_90's, with MHC_WGMMA set."""
     common = ("-O3", "-std=c++17", f"-I{INCLUDE}")
+    if wgmma and arch is not Arch.SM90:
+        raise ValueError(f"wgmma is an sm_90a feature, not {arch.value}'s")
     if arch.backend == "cuda":
         num = arch.value.split("_")[1]
         # SASS for the arch plus its PTX, so newer GPUs (and a forced older
         # variant on a newer GPU) can still run it.
-        gencode = f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]"
-        return Compile(find("nvcc"), (*common, gencode, "-Xcompiler", "-fPIC"), ".o")
+        gencode = (f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]",)
+        if wgmma:  # sm_90a SASS runs on sm_90 alone: newer GPUs JIT the compute_90 PTX
+            gencode = ("-gencode=arch=compute_90a,code=sm_90a",
+                       "-gencode=arch=compute_90,code=compute_90", "-DMHC_WGMMA=1")  # fmt: skip
+        return Compile(find("nvcc"), (*common, *gencode, "-Xcompiler", "-fPIC"), ".o")
     hip = ("-x", "hip", f"--offload-arch={arch.value}", *common)
     if arch.traits.full_build:
         return Compile(
             find("clang++-19"), (*hip, f"--rocm-device-lib-path={ROCM_BITCODE}", "-fPIC"), ".o"
         )
     return Compile(find("clang++-19"), (*hip, "-nogpulib", "--cuda-device-only", "-S"), ".s")
+
+
+def rule_for(spec) -> Compile:
+    """The compile rule of one variant (a KernelSpec)."""
+    return compile_rule(spec.arch, spec.wgmma)
+
+
+def rule_token(arch: Arch, wgmma: bool = False) -> str:
+    """The ninja rule's name suffix: sm90, or sm90a for the wgmma variants."""
+    return arch.token + "a" * wgmma
 
 
 def python_includes() -> tuple[str, ...]:

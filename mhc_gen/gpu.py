@@ -11,10 +11,10 @@ import functools
 
 import torch
 
-from generator.spec import PROJ_MAX_N, DType, Op
+from generator.spec import PROJ_MAX_N, Arch, DType, Op
 
 from . import reference
-from ._launch import DTYPES, empty, launch
+from ._launch import DTYPES, device_arch, empty, launch, target_arch
 
 
 def _dims(x):
@@ -122,6 +122,17 @@ def _projection_splits(t: int, n: int, k: int, device) -> int:
     return max(1, min(want, k // (16 * 64), 16))
 
 
+def _wgmma_projection(x) -> bool:
+    """Whether the n = 4 projection runs in its wgmma form (mhc/projection_wgmma.cuh), which
+    takes φ's split K-major: where the sm_90 variants run on an sm_90 device (their n = 4
+    projection carries sm_90a SASS there; elsewhere, or forced to another arch, the PTX's
+    mma.sync form runs)."""
+    if not x.is_cuda or torch.version.hip is not None:
+        return False
+    index = x.device.index
+    return target_arch(index) == device_arch(index) == ("cuda", Arch.SM90)
+
+
 def projection_partials(x, phi) -> dict:
     """One pass of the tensor-core projection (_projection_kernel), split along n·C where
     its token blocks alone would not fill the GPU: the per-split partial z [S, T, m] and
@@ -133,8 +144,12 @@ def projection_partials(x, phi) -> dict:
     z = empty((splits, t, m), torch.float32, x.device)
     sq = empty((splits, t), torch.float32, x.device)
     padded = phi if m % 8 == 0 else torch.nn.functional.pad(phi, (0, -m % 8))  # mp columns
+    if n == 4 and _wgmma_projection(x):
+        split = dict(phi_split_t=_split_bf16_cat(padded.t(), "hl", 0))  # [2·mp, n·C]
+    else:
+        split = dict(phi_split=_split_bf16_cat(padded, "hl", 1))  # [n·C, 2·mp]
     launch(Op.PROJ_DYN, x.device, DType.BF16, n=n, hidden=c, tokens=t, splits=splits, x=x,
-           phi_split=_split_bf16_cat(padded, "hl", 1), z_out=z, r_out=sq)  # fmt: skip
+           z_out=z, r_out=sq, **split)  # fmt: skip
     return dict(z_in=z, sq_in=sq, splits=splits)
 
 

@@ -75,7 +75,7 @@ def _compiler_version(compiler: str) -> str:
 
 def _commands(spec: KernelSpec, src: pathlib.Path, disp: pathlib.Path, out: pathlib.Path):
     """The compile and link command lines that build spec's module at out."""
-    rule = toolchain.compile_rule(spec.arch)
+    rule = toolchain.rule_for(spec)
     if rule.output_ext != ".o":
         raise toolchain.ToolchainError(
             f"{spec.arch.value}: this toolchain produces device assembly only, no loadable module"
@@ -96,7 +96,7 @@ def cache_key(spec: KernelSpec) -> str:
     for path in sorted(TEMPLATES.rglob("*")):
         if path.is_file():
             h.update(str(path.relative_to(TEMPLATES)).encode() + b"\0" + path.read_bytes())
-    rule = toolchain.compile_rule(spec.arch)
+    rule = toolchain.rule_for(spec)
     link = toolchain.link_command(spec.arch.backend, [spec.arch])
     h.update("\0".join([rule.compiler, *rule.flags, *toolchain.dispatch_command(), *link]).encode())
     h.update(_compiler_version(rule.compiler).encode())

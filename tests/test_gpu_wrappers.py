@@ -158,6 +158,30 @@ def test_gemm_projection_leaves_r_to_the_kernel(monkeypatch):
     assert torch.allclose(kw["z_in"], x2 @ v["phi"], rtol=1e-4, atol=1e-4)
 
 
+def test_wgmma_projection_takes_phi_split_t(monkeypatch):
+    """At n = 4, where the wgmma form runs, φ's split goes K-major ([2·mp, n·C]: φ_hi's
+    columns as rows, then φ_lo's), under its own pointer; elsewhere side by side."""
+    seen = []
+    monkeypatch.setattr(gpu, "launch", lambda op, device, dtype, **kw: seen.append(kw))
+    monkeypatch.setattr(gpu, "_sm_count", lambda device: 7)
+    n, c, m, mp = 4, 16, 24, 24
+    x = torch.randn(T, n, c).to(torch.bfloat16)
+    phi = torch.randn(n * c, m)
+    assert not gpu._wgmma_projection(x)  # a CPU tensor
+    monkeypatch.setattr(gpu, "_wgmma_projection", lambda x: True)
+    gpu.projection_partials(x, phi)
+    (kw,) = seen
+    split = kw["phi_split_t"]
+    assert "phi_split" not in kw and split.shape == (2 * mp, n * c)
+    hi, lo = split[:mp].float(), split[mp:].float()
+    assert torch.equal(hi, phi.t().bfloat16().float())
+    assert torch.equal(lo, (phi.t() - hi).bfloat16().float())
+    seen.clear()
+    x3 = torch.randn(T, 3, c).to(torch.bfloat16)  # n = 3: the mma.sync form
+    gpu.projection_partials(x3, torch.randn(3 * c, R.num_logits(3)))
+    assert "phi_split_t" not in seen[0] and seen[0]["phi_split"].shape == (3 * c, 32)
+
+
 def test_projection_kernel_gives_z_and_r_to_the_kernels_after_it(monkeypatch):
     """With the tensor-core projection, pre sums its partial z and Σx̄² and writes z and r;
     the layer takes H from one coefficients launch that does, then mixes with H given; the

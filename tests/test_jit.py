@@ -69,7 +69,9 @@ def test_cache_key_covers_templates_and_flags(tmp_path, monkeypatch, cache):
     monkeypatch.setattr(
         jit.toolchain,
         "compile_rule",
-        lambda arch: toolchain.Compile(rule.compiler, (*rule.flags, "-DX"), rule.output_ext),
+        lambda arch, wgmma=False: toolchain.Compile(
+            rule.compiler, (*rule.flags, "-DX"), rule.output_ext
+        ),
     )
     assert jit.cache_key(SPEC) != key
 

@@ -52,6 +52,12 @@ def test_ninja_file_has_an_edge_per_variant(tmp_path, monkeypatch):
     assert plan.artifacts[specs_for(Arch.GFX942)[0].name].suffix == ".s"
     assert set(plan.modules) == {"cuda", "hip"}
     assert all(s.arch is Arch.GFX90A for s in plan.linked["hip"])
+    # The wgmma variants (the n = 4 projection) compile by a rule of their own.
+    wgmma = [s for s in specs if s.wgmma]
+    assert wgmma and "rule compile_sm90a\n" in text and "-DMHC_WGMMA=1" in text
+    for s in specs_for(Arch.SM90):
+        rule = "compile_sm90a" if s.wgmma else "compile_sm90"
+        assert f": {rule} " in text.split(f"name = {s.name}\n")[0].rsplit("build ", 1)[1]
 
 
 def test_kernels_lock_is_current():

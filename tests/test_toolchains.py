@@ -3,6 +3,7 @@ default build's manifest when it is present (CI builds it first)."""
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -77,3 +78,34 @@ def test_compile_time_n_outside_the_default_set_compiles(op, tmp_path):
             text=True,
         )
         assert res.returncode == 0, f"{spec.name}: {res.stderr[-2000:]}"
+
+
+def test_wgmma_variants_build_for_sm90a_beside_portable_ptx(tmp_path):
+    """The n = 4 projection (compile-time and run-time n) carries sm_90a SASS with its wgmma
+    kernel, and compute_90 PTX without wgmma (newer GPUs JIT it: the mma.sync form)."""
+    specs = [KernelSpec(Op.PROJ_DYN, n, None, DType.BF16, arch, 1) for n, arch in
+             [(4, Arch.SM90), (None, Arch.SM90), (8, Arch.SM90), (4, Arch.SM80)]]  # fmt: skip
+    assert [s.wgmma for s in specs] == [True, True, False, False]
+    with pytest.raises(ValueError, match="sm_90a"):
+        toolchain.compile_rule(Arch.SM80, wgmma=True)
+    _compile_or_skip(Arch.SM90)
+    spec = specs[0]
+    rule = toolchain.rule_for(spec)
+    src = tmp_path / f"{spec.name}.cu"
+    src.write_text(render_variant(spec))
+    res = subprocess.run(
+        [rule.compiler, *rule.flags, "-Xptxas", "-v", "-c", str(src), "-o", str(tmp_path / "v.o")],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert re.search(r"projection_wgmma_kernel\S* for 'sm_90a'", res.stderr), res.stderr[-2000:]
+    flags = [f for f in rule.flags if not f.startswith("-gencode")]
+    ptx = tmp_path / "v.ptx"
+    res = subprocess.run(
+        [rule.compiler, *flags, "-arch=compute_90", "-ptx", str(src), "-o", str(ptx)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "wgmma." not in ptx.read_text() and "mma.sync" in ptx.read_text()

@@ -21,6 +21,8 @@ enum Ptr : int {
   kPhi,         // [n·C, m] fp32 projection (dynamic H)
   kPhiSplit,    // [n·C, 2·mp] bf16: φ split into hi and lo side by side, mp = m rounded up
                 //   to 8 with zero columns (the tensor-core projection)
+  kPhiSplitT,   // [2·mp, n·C] bf16: kPhiSplit transposed (row j < mp is φ_hi's column j,
+                //   row mp + j φ_lo's), in its place for the wgmma projection
   kAlpha,       // [3] fp32: pre, post, res scales (dynamic H)
   kBias,        // [m] fp32: b, or the static logits
   kNormWeight,  // [C] fp32: the seed layer's RMSNorm weight

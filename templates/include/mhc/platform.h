@@ -135,6 +135,9 @@ MHC_DEV void async_wait() {
 MHC_DEV void stage_wait() { async_wait<0>(); }
 #endif
 
+#ifndef MHC_WGMMA  // 1 in variants built for sm_90a too (generator/toolchain.py)
+#define MHC_WGMMA 0
+#endif
 #ifndef MHC_TARGET_SM  // set by each generated variant: its NVIDIA arch, 0 on HIP
 #define MHC_TARGET_SM 0
 #endif

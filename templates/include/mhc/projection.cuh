@@ -16,6 +16,7 @@
 
 #include "args.h"
 #include "platform.h"
+#include "projection_wgmma.cuh"
 #include "token_math.h"
 
 namespace mhc {
@@ -232,16 +233,26 @@ int launch_projection(const Args& a) {
   static_assert(sizeof(T) == 2 && HIDDEN == 0 && DYN, "bf16 x, run-time hidden");
 #if defined(MHC_CUDA)
   if (a.n < 1 || a.n > kProjMaxN || (N && a.n != N)) return kBadN;
-  if (!a.p[kX] || !a.p[kPhiSplit] || !a.p[kZOut] || !a.p[kROut]) return kMissingInput;
+  // φ's split comes in one of two layouts: [K, 2·mp] for projection_kernel, or K-major
+  // [2·mp, K] for the wgmma form (mhc/projection_wgmma.cuh), which only MHC_WGMMA builds have.
+  const bool k_major = a.p[kPhiSplitT] != nullptr;
+  const void* phi = k_major ? a.p[kPhiSplitT] : a.p[kPhiSplit];
+  if (!a.p[kX] || !phi || !a.p[kZOut] || !a.p[kROut]) return kMissingInput;
   const int64_t K = int64_t(a.n) * a.hidden;
-  if (K % kProjK != 0 || !aligned_to(a.p[kX], 16) || !aligned_to(a.p[kPhiSplit], 16))
-    return kBadHidden;
+  if (K % kProjK != 0 || !aligned_to(a.p[kX], 16) || !aligned_to(phi, 16)) return kBadHidden;
   if (a.tokens == 0) return kOk;
   constexpr int NB = N ? N : kProjMaxN;
   const int splits = a.splits > 1 ? a.splits : 1;
   const int64_t chunks = K / kProjK;
   if ((chunks + splits - 1) / splits * (splits - 1) >= chunks) return kBadHidden;  // empty split
   static_assert(TM == 1 || TM == 2, "the tile is m16 tiles a warp");
+  if (k_major) {
+#if MHC_WGMMA
+    if constexpr (N == 4 || N == 0)
+      if (a.n == 4) return launch_projection_wgmma(a, splits);
+#endif
+    return kUnsupported;  // no wgmma form in this variant, or not n = 4
+  }
   const dim3 grid{unsigned((a.tokens + proj_tokens<TM>() - 1) / proj_tokens<TM>()),
                   unsigned(splits)};
   auto* kernel = projection_kernel<N, TM>;
