@@ -699,7 +699,7 @@ def _two_pass_backward(grad, x, weight) -> bool:
 
 def _layer_dx_splits(t: int, c: int, device) -> int:
     """Token-tile strides of the two-pass ∂x kernel's grid (its ∂w partial rows): one wave
-    of its 256-column blocks at 2 an SM (128 registers, 74 KB of shared memory at n = 4)."""
+    of its 256-column blocks at 2 an SM (128 registers, 81 KB of shared memory at n = 4)."""
     chunks = -(-c // 256)
     return max(1, min(-(-t // 16), 2 * _sm_count(device) // chunks))
 

@@ -114,8 +114,11 @@ __global__ void __launch_bounds__(kThreads) layer_bwd_sums_kernel(Args a) {
 #if defined(MHC_CUDA)
 // The ∂x pass: a block owns 16 tokens at a time and 256 columns of each of their streams
 // (32 a warp: four n8 tiles of ∂z·φᵀ a stream, staged whole for the epilogue), walking
-// token tiles; 0.74 ms at T = 16384, C = 4096, n = 4 on the H200 (the sums pass: 0.26 for
-// 2/3 of the bytes; session 20). Measured slower (session 15): 16 columns a warp with x and G
+// token tiles, each tile's scalars copied into shared memory under the tile before (cp.async,
+// two buffers): 0.71 ms at T = 16384, C = 4096, n = 4 on the H100 (0.89 with them loaded
+// between two barriers at each tile's start; session 31; the sums pass: 0.35 for 2/3 of the
+// bytes). Measured slower: x and G copied ahead too (1.01 ms, session 31; notes/patches/
+// dx_prefetch_xg.patch), and (session 15) 16 columns a warp with x and G
 // copied a tile ahead by cp.async, 1.62 ms; blocks sweeping whole rows of their tiles, 128 columns
 // a step, 1.24. Both halve the columns a stream's φ loads serve, and those loads wait on
 // L2 once a stream (the stream loop is not unrolled: registers).
@@ -141,8 +144,8 @@ MHC_CX int64_t layer_dx_smem_bytes() {
   return int64_t(kWarps) * NB * kMmaTokens * kDxLd * int64_t(sizeof(float));
 }
 
-// Two blocks an SM (128 registers, 72 bytes of loop-invariant addresses spilled): without
-// the bound ptxas takes 167 registers, one block an SM.
+// Two blocks an SM (128 registers, no spills; 74 KB of dynamic and 6.9 KB of static shared
+// memory at n = 4): without the bound ptxas takes 167 registers, one block an SM.
 template <typename T, int N, int HIDDEN>
 __global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
   constexpr int NB = two_pass_bound<N>();
@@ -151,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
   constexpr int VEC = 16 / int(sizeof(T));
   constexpr int kLanesPerRow = kDxCols / VEC;
   constexpr int kRowsPerPass = kWarp / kLanesPerRow;
-  __shared__ LayerDxShared<NB> s;
+  __shared__ LayerDxShared<NB> sbuf[2];  // this token tile's scalars and the next's
   extern __shared__ float4 dx_smem[];
   const int n = N ? N : a.n;
   const int m = num_logits(n);
@@ -179,24 +182,40 @@ __global__ void __launch_bounds__(kThreads, 2) layer_bwd_dx_kernel(Args a) {
       load_pack<float, 4>(w + c + v, *reinterpret_cast<float(*)[4]>(wv + v));
 
   const int64_t tiles = (a.tokens + TM - 1) / TM;
-  for (int64_t tl = blockIdx.x; tl < tiles; tl += gridDim.x) {
+  // Token tile tl's scalars into buffer d, asynchronously: they land under the previous
+  // tile's work instead of a DRAM round trip between two barriers at each tile's start.
+  auto load_scalars = [&](int64_t tl, LayerDxShared<NB>& d) {
+    if (tl < tiles) {
+      const int64_t t0 = tl * TM;
+      const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
+      for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
+        async_copy4(&d.dz[idx / m][idx % m], a.in<float>(kGradZ) + t0 * m + idx);
+      for (int idx = threadIdx.x; idx < nt * n; idx += kThreads) {
+        async_copy4(&d.h_pre[idx / n][idx % n], a.in<float>(kHPreIn) + t0 * n + idx);
+        async_copy4(&d.h_post[idx / n][idx % n], a.in<float>(kHPostIn) + t0 * n + idx);
+      }
+      for (int idx = threadIdx.x; idx < nt * n * n; idx += kThreads)
+        async_copy4(&d.h_res[idx / (n * n)][idx % (n * n)],
+                    a.in<float>(kHResIn) + t0 * n * n + idx);
+      for (int t = threadIdx.x; t < nt; t += kThreads) {
+        async_copy4(&d.scale[t][0], a.in<float>(kLayerScale) + (t0 + t) * 2);
+        async_copy4(&d.scale[t][1], a.in<float>(kLayerScale) + (t0 + t) * 2 + 1);
+        async_copy4(&d.scale[t][2], scratch + (t0 + t) * row_len + n);
+      }
+    }
+    async_commit();
+  };
+  load_scalars(blockIdx.x, sbuf[0]);
+  int buf = 0;
+  for (int64_t tl = blockIdx.x; tl < tiles; tl += gridDim.x, buf ^= 1) {
     const int64_t t0 = tl * TM;
     const int nt = a.tokens - t0 < TM ? int(a.tokens - t0) : TM;
-    __syncthreads();  // the previous tile's scalars are no longer read
-    for (int idx = threadIdx.x; idx < nt * m; idx += kThreads)
-      s.dz[idx / m][idx % m] = a.in<float>(kGradZ)[t0 * m + idx];
-    for (int idx = threadIdx.x; idx < nt * n; idx += kThreads) {
-      s.h_pre[idx / n][idx % n] = a.in<float>(kHPreIn)[t0 * n + idx];
-      s.h_post[idx / n][idx % n] = a.in<float>(kHPostIn)[t0 * n + idx];
-    }
-    for (int idx = threadIdx.x; idx < nt * n * n; idx += kThreads)
-      s.h_res[idx / (n * n)][idx % (n * n)] = a.in<float>(kHResIn)[t0 * n * n + idx];
-    for (int t = threadIdx.x; t < nt; t += kThreads) {
-      s.scale[t][0] = a.in<float>(kLayerScale)[(t0 + t) * 2];
-      s.scale[t][1] = a.in<float>(kLayerScale)[(t0 + t) * 2 + 1];
-      s.scale[t][2] = scratch[(t0 + t) * row_len + n];
-    }
+    async_wait<0>();
+    // Every thread's copies of this tile's scalars have landed, and the other buffer's
+    // last reads (the tile before) are done.
     __syncthreads();
+    load_scalars(tl + gridDim.x, sbuf[buf ^ 1]);
+    LayerDxShared<NB>& s = sbuf[buf];
 
     // A: ∂z of the 16 tokens, split once a tile.
     uint32_t a_hi[KS][4], a_lo[KS][4];

@@ -96,6 +96,11 @@ MHC_DEV void cp_async16(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 }
+// 4 bytes (through L1: cp.async's 16-byte form alone may bypass it).
+MHC_DEV void cp_async4(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
 MHC_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Waits until at most PENDING of this thread's committed groups are in flight.
 template <int PENDING>
@@ -115,6 +120,14 @@ MHC_DEV void async_copy16(void* dst, const void* src) {
   cp_async16(dst, src);
 #else
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+MHC_DEV void async_copy4(float* dst, const float* src) {
+#if MHC_ASYNC_COPY
+  cp_async4(dst, src);
+#else
+  *dst = *src;
 #endif
 }
 
