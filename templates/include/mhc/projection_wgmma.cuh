@@ -142,12 +142,7 @@ __global__ void __launch_bounds__(256) projection_wgmma_kernel(Args a) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const uint4 v = *reinterpret_cast<const uint4*>(xrow + swizzled(sq_row, 4 * (t % 2) + q));
-      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float lo = __uint_as_float(w[e] << 16), hi = __uint_as_float(w[e] & 0xffff0000u);
-        sq += lo * lo + hi * hi;
-      }
+      sq += sq_pair(v.x) + sq_pair(v.y) + sq_pair(v.z) + sq_pair(v.w);
     }
     wg_wait_all();
     wg_hold(part);
