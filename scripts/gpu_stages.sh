@@ -14,6 +14,8 @@
 #             kernel's, alternating in one process
 #   ncu       Nsight Compute on the kernels matching NCU_KERNELS in that step
 #   tests     the GPU tests (PYTEST_ARGS, default tests/gpu)
+#   quick     the GPU tests in QUICK_TESTS, stopping at the first failure, cut off after
+#             QUICK_S (120) s: a new kernel's own tests before the whole suite
 #   tune      benchmarks/autotune.py (build with MHC_PROFILE=tune): the tuning table, which
 #             later stages then use                                        -> $OUT/tuning.json
 # Example: bash scripts/gpu_stages.sh example sanitize
@@ -54,7 +56,7 @@ for s in "$@"; do
   profile) stage profile 60 python3 benchmarks/profile_ops.py ${PROFILE_ARGS:-} ;;
   profile1) stage profile1 60 python3 benchmarks/profile_ops.py --iters 1 ${PROFILE_ARGS:-} ;;
   profilec) stage profilec 60 python3 benchmarks/profile_ops.py --projection cores ${PROFILE_ARGS:-} ;;
-  paths) TAIL_LINES=${TAIL_LINES:-20} stage paths 120 python3 benchmarks/projection_paths.py --rounds 1 ;;
+  paths) TAIL_LINES=${TAIL_LINES:-20} stage paths ${PATHS_S:-200} python3 benchmarks/projection_paths.py --rounds 1 ;;
   ncu)
     # One launch of each kernel matching NCU_KERNELS: bandwidth, occupancy, stall reasons.
     # NCU_ARGS in place of the sections, e.g. "--set full --print-details all".
@@ -68,6 +70,7 @@ for s in "$@"; do
     stage tune ${TUNE_S:-300} python3 benchmarks/autotune.py
     cp tuning/*.json "$OUT/" 2>/dev/null
     ;;
+  quick) stage quick ${QUICK_S:-120} python3 -m pytest -m gpu -q -x -p no:cacheprovider ${QUICK_TESTS:?QUICK_TESTS names the test files} ;;
   tests) stage tests ${TESTS_S:-400} python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-tests/gpu} ;;
   *) echo "unknown stage $s" ;;
   esac
