@@ -1,10 +1,13 @@
-"""Comparison with the reference: the one tolerance table, by output dtype."""
+"""Comparison with the reference: the one tolerance table, by output dtype; and inputs whose
+projection is known exactly."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+
+from .reference import num_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,3 +80,15 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+def one_hot_projection(t: int, n: int, c: int):
+    """(x, φ, z): x with token t one-hot at k = 7·t mod n·C, φ[k, j] = (97·k + j) mod 16384:
+    integers of at most 14 bits, exact in bf16 hi + lo, so z[t] = x̄_t·φ is φ's row k bit for
+    bit (a misplaced swizzle or fragment shows as a wrong token and logit)."""
+    k = n * c
+    at = (torch.arange(t) * 7) % k
+    x = torch.zeros(t, k)
+    x[torch.arange(t), at] = 1.0
+    phi = ((torch.arange(k)[:, None] * 97 + torch.arange(num_logits(n))[None, :]) % 16384).float()
+    return x.bfloat16().view(t, n, c), phi, phi[at]

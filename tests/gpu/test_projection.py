@@ -18,7 +18,14 @@ import mhc_gen
 from generator.spec import Op, parse
 from mhc_gen import gpu, reference
 from mhc_gen._launch import DTYPES, forced_variant, poisoned_outputs
-from mhc_gen.testing import GRAD_TOLERANCES, TOLERANCES, Tolerance, assert_close, bitwise_equal
+from mhc_gen.testing import (
+    GRAD_TOLERANCES,
+    TOLERANCES,
+    Tolerance,
+    assert_close,
+    bitwise_equal,
+    one_hot_projection,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -86,18 +93,6 @@ def test_projection_rejects_what_it_cannot_serve():
     assert not gpu._projection_kernel(x16, phi)  # n > 8: the kernel's accumulators
 
 
-def _one_hot(t, n, c):
-    """x with token t one-hot at k = 7·t mod n·C, φ[k, j] = (97·k + j) mod 16384: integers
-    of at most 14 bits, exact in bf16 hi + lo, so z[t] is φ's row k bit for bit."""
-    k = n * c
-    at = (torch.arange(t) * 7) % k
-    x = torch.zeros(t, k)
-    x[torch.arange(t), at] = 1.0
-    m = reference.num_logits(n)
-    phi = ((torch.arange(k)[:, None] * 97 + torch.arange(m)[None, :]) % 16384).float()
-    return x.bfloat16().view(t, n, c), phi, phi[at]
-
-
 ONE_HOT_CASES = [(4, 64, 128), (4, 256, 300), (4, 1280, 129), (4, 4096, 5000), (2, 64, 70),
                  (8, 512, 257)]  # fmt: skip
 
@@ -108,7 +103,7 @@ def test_projection_reads_each_token_and_k_where_it_should(n, c, t):
     fragment shows as a wrong (token, logit) and the value it read instead."""
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
-    x, phi, want = _one_hot(t, n, c)
+    x, phi, want = one_hot_projection(t, n, c)
     out = _twice(lambda: tuple(gpu.projection_partials(x.cuda(), phi.cuda())[k]
                                for k in ("z_in", "sq_in")))  # fmt: skip
     z, sq = (v.sum(0).cpu() for v in out)
