@@ -35,6 +35,11 @@ GRAD_TOLERANCES = {
 }
 
 
+# z = x̄·φ of bf16 x on tensor cores: φ to ~17 bits (bf16 hi + lo), fp32 accumulation over
+# n·C terms.
+Z_TOLERANCE = Tolerance(rel_norm=1e-4, atol=1e-4, rtol=1e-3)
+
+
 def assert_close(
     actual: torch.Tensor, expected: torch.Tensor, what: str = "output", tol: Tolerance | None = None
 ) -> None:
